@@ -1,0 +1,65 @@
+"""The Provider seam: one tier of inference, local or remote.
+
+A provider is constructed from its ``TierConfig`` and what the app hands it (nothing
+global), started once (``start``: open pools, load a model off the event loop), then
+asked to ``chat``, ``stream``, ``embed`` and ``probe`` until ``aclose``.
+
+Errors are typed (``providers.errors``): ``RetryableError``, ``CapacityError``,
+``FatalError``. The router owns retries, deadlines and first-token / inter-token
+timeouts; a provider only maps what it sees to those types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from providers.schemas import (
+    ChatChunk,
+    ChatRequest,
+    ChatResult,
+    EmbeddingRequest,
+    EmbeddingResult,
+    Health,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    chat: bool = True
+    stream: bool = True
+    embeddings: bool = False
+    tools: bool = True
+    # Can continue a final assistant message (ChatRequest.assistant_prefix): lets the
+    # router's stream_failover = "resume" land on this tier.
+    resume: bool = False
+
+
+@runtime_checkable
+class Provider(Protocol):
+    name: str
+    kind: str
+    capabilities: Capabilities
+
+    async def start(self) -> None:
+        """Open pools, load weights. Runs once; blocking work goes off the event loop."""
+
+    @property
+    def ready(self) -> bool:
+        """True once the tier can serve (a local model is loaded, say)."""
+
+    async def chat(self, req: ChatRequest) -> ChatResult:
+        """One whole completion."""
+
+    def stream(self, req: ChatRequest) -> AsyncIterator[ChatChunk]:
+        """Stream a completion. Closing the iterator cancels the upstream work."""
+
+    async def embed(self, req: EmbeddingRequest) -> EmbeddingResult:
+        """Embed ``req.inputs``."""
+
+    async def probe(self) -> Health:
+        """A cheap liveness check, for health checks and /readyz."""
+
+    async def aclose(self) -> None:
+        """Release sessions, threads and memory."""
