@@ -1,14 +1,10 @@
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from support.redis_server import RedisServer, start_redis  # noqa: E402
+from tests.support.redis_server import RedisServer, start_redis
 
 
 @pytest.fixture(scope="session")
