@@ -1,0 +1,144 @@
+"""The plain values the gateway and the ledger hand each other."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from tracking.keyspace import WindowKind
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class Scopes:
+    """Who a call is counted against: the tier, the model it ran, the key (by name)."""
+
+    tier: str
+    model: str
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRequest:
+    """Hold ``amount_micros`` (the worst case) before calling ``tier``."""
+
+    tier: str
+    model: str
+    key: str | None
+    amount_micros: int
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Money held for one call; settle it with ``commit`` or give it back with ``release``.
+
+    ``budgets`` lists the (scope, window) pairs it is held in; empty when no budget
+    applies or the ledger was unavailable and fail_open let the call through.
+    """
+
+    id: str
+    tier: str
+    model: str
+    key: str | None
+    amount_micros: int
+    day: str
+    month: str
+    budgets: tuple[tuple[str, WindowKind], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A hold was refused: which budget (scope, window) had too little left, in words."""
+
+    scope: str  # "global", "tier:openai", "key:alice", or "ledger" when Redis is unavailable
+    window: WindowKind | Literal[""]
+    message: str
+    tier: str
+    code: Literal["budget_exhausted", "ledger_unavailable"] = "budget_exhausted"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimited:
+    """The key is over a rate limit; try again after ``retry_after_s``."""
+
+    limit: Literal["rpm", "tpm"]
+    retry_after_s: float
+    key: str
+
+    @property
+    def message(self) -> str:
+        what = "requests" if self.limit == "rpm" else "tokens"
+        return (
+            f"Rate limit reached for key '{self.key}' ({what} per minute). "
+            f"Try again in {self.retry_after_s:.1f}s."
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The answer to ``Ledger.admit``: at most one of the three is set."""
+
+    rate_limited: RateLimited | None = None
+    hold: Hold | None = None
+    refusal: Refusal | None = None
+
+    @property
+    def admitted(self) -> bool:
+        return self.rate_limited is None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """One tier call's outcome. ``error=True`` counts it under ``errors``, not ``requests``.
+
+    ``id`` makes it count once however often it is replayed. ``admitted_tokens`` is the
+    estimate ``admit`` charged to the key's tokens-per-minute; when given, commit corrects
+    that charge to the actual tokens.
+    """
+
+    tier: str
+    model: str
+    key: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_micros: int = 0
+    error: bool = False
+    ts: float = field(default_factory=time.time)
+    id: str = field(default_factory=new_event_id)
+    admitted_tokens: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "tier": self.tier,
+            "model": self.model,
+            "key": self.key,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cost_micros": self.cost_micros,
+            "error": self.error,
+            "ts": self.ts,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> UsageEvent:
+        return cls(
+            id=str(data["id"]),
+            tier=str(data["tier"]),
+            model=str(data["model"]),
+            key=data.get("key"),
+            prompt_tokens=int(data["prompt_tokens"]),
+            completion_tokens=int(data["completion_tokens"]),
+            cost_micros=int(data["cost_micros"]),
+            error=bool(data["error"]),
+            ts=float(data["ts"]),
+        )
+
+
+class LedgerUnavailableError(Exception):
+    """Redis cannot be reached; what was asked needs it (a report, say)."""
