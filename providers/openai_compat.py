@@ -149,6 +149,12 @@ class OpenAICompatProvider:
             body["continue_final_message"] = True
             body["add_generation_prompt"] = False
         body["messages"] = messages
+        if req.max_tokens is not None:
+            # The effective cap (the gateway may have lowered or set it for a budget
+            # hold) goes in whichever field the client used.
+            fields = [f for f in ("max_tokens", "max_completion_tokens") if f in body] or ["max_tokens"]
+            for name in fields:
+                body[name] = req.max_tokens
         body["stream"] = stream
         if stream:
             options = dict(body.get("stream_options") or {})

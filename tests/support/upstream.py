@@ -347,19 +347,29 @@ class FakeUpstream:
 
     # handlers
 
-    async def _answer_cue(self, request: web.Request, cue: Behaviour) -> web.StreamResponse | None:
-        """The common start of a cued answer: delay, a canned status or body, an abort."""
+    async def _canned(self, cue: Behaviour) -> web.StreamResponse | None:
+        """The start every cue shares: its delay, then its canned status and body if any."""
         if cue.delay_s:
             await asyncio.sleep(cue.delay_s)
         if cue.body is not None:
             return web.json_response(cue.body, status=cue.status, headers=cue.headers)
-        if cue.cut_after is not None and cue.raw_sse is None:
-            self._abort(request)
-        if cue.first_token_delay_s:
-            await asyncio.sleep(cue.first_token_delay_s)
-        if cue.stall_after is not None:
-            await asyncio.sleep(cue.stall_s)
         return None
+
+    async def _whole_answer_cue(self, request: web.Request, cue: Behaviour) -> web.StreamResponse | None:
+        """A cue for an answer sent in one piece: stalls add up, a cut aborts at once."""
+        canned = await self._canned(cue)
+        if canned is not None:
+            return canned
+        if cue.cut_after is not None:
+            self._abort(request)
+        wait = cue.first_token_delay_s + (cue.stall_s if cue.stall_after is not None else 0.0)
+        if wait:
+            await asyncio.sleep(wait)
+        return None
+
+    async def _receive_cued(self, request: web.Request) -> tuple[Any, web.StreamResponse | None]:
+        body = await self._receive(request)
+        return body, await self._whole_answer_cue(request, self._next())
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._receive(request)
@@ -371,16 +381,16 @@ class FakeUpstream:
         cue = self._next()
         if body.get("stream"):
             return await self._stream(request, body, cue)
-        canned = await self._answer_cue(request, cue)
+        canned = await self._whole_answer_cue(request, cue)
         if canned is not None:
             return canned
-        return web.Response(body=self._completion(body, cue).json_body(), content_type="application/json")
+        payload = self._cached(("json", *self._key(body, cue)), lambda: self._completion(body, cue).json_body())
+        return web.Response(body=payload, content_type="application/json")
 
     async def _stream(self, request: web.Request, body: dict[str, Any], cue: Behaviour) -> web.StreamResponse:
-        if cue.delay_s:
-            await asyncio.sleep(cue.delay_s)
-        if cue.body is not None:
-            return web.json_response(cue.body, status=cue.status, headers=cue.headers)
+        canned = await self._canned(cue)
+        if canned is not None:
+            return canned
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if cue.raw_sse is None and cue.instant:
             key = ("sse", include_usage, *self._key(body, cue))
@@ -416,9 +426,7 @@ class FakeUpstream:
         raise _Cut()
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
-        body = await self._receive(request)
-        cue = self._next()
-        canned = await self._answer_cue(request, cue)
+        body, canned = await self._receive_cued(request)
         if canned is not None:
             return canned
         raw = (body or {}).get("input", [])
@@ -435,9 +443,7 @@ class FakeUpstream:
         )
 
     async def _feature_extraction(self, request: web.Request) -> web.StreamResponse:
-        body = await self._receive(request)
-        cue = self._next()
-        canned = await self._answer_cue(request, cue)
+        body, canned = await self._receive_cued(request)
         if canned is not None:
             return canned
         raw = (body or {}).get("inputs")
@@ -449,7 +455,7 @@ class FakeUpstream:
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
         await self._receive(request)
-        canned = await self._answer_cue(request, self.models_behaviour)
+        canned = await self._whole_answer_cue(request, self.models_behaviour)
         if canned is not None:
             return canned
         return web.json_response(
