@@ -56,6 +56,9 @@ class TierConfig(BaseModel):
     api_key_credential: str | None = None
     price: TierPrice = Field(default_factory=TierPrice)
     timeout_s: float = Field(60.0, gt=0)
+    # The output cap sent to a priced tier when the client gives none: a budget hold
+    # must assume a bound.
+    max_output_tokens: int = Field(4096, ge=1)
     connect_timeout_s: float = Field(5.0, gt=0)
     max_connections: int = Field(100, ge=1)
     headers: dict[str, str] = Field(default_factory=dict)

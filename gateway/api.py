@@ -1,0 +1,288 @@
+"""HTTP handlers and the edge middleware: the OpenAI-compatible surface of the daemon."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from gateway.errors import ApiError, json_response
+from gateway.router import RoutingError, StreamBroken
+from gateway.runtime import Runtime
+from gateway.wire import (
+    ChatCompletionBody,
+    ChunkWriter,
+    EmbeddingBody,
+    completion_json,
+    embeddings_json,
+)
+from providers.errors import FatalError
+from tracking import ApiKey
+
+log = structlog.get_logger("gateway.access")
+
+RUNTIME = web.AppKey("runtime", Runtime)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Set by the edge and the handlers, read by the access log.
+REQUEST_ID = web.RequestKey("request_id", str)
+KEY = web.RequestKey("key", object)
+TIER = web.RequestKey("tier", str)
+ATTEMPTS = web.RequestKey("attempts", int)
+USAGE = web.RequestKey("usage", object)
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("x-request-id", "")
+    if 0 < len(given) <= 128 and given.isascii() and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+def _on_unix_socket(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is not None and isinstance(transport.get_extra_info("sockname"), str)
+
+
+def _authenticate(request: web.Request, rt: Runtime) -> ApiKey | None:
+    """The caller's key, None when no key is needed; ApiError 401/403 otherwise."""
+    admin_path = request.path.startswith("/admin/")
+    trusted = _on_unix_socket(request) and rt.config.server.trust_unix_socket
+    if rt.keys.empty or trusted:
+        return None
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "Missing API key: send Authorization: Bearer <key>.",
+                       code="missing_api_key", type_="invalid_request_error")
+    key = rt.keys.lookup(token.strip())
+    if key is None:
+        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key",
+                       type_="invalid_request_error")
+    if admin_path and not key.admin:
+        raise ApiError(403, "This endpoint needs an admin key.", code="admin_required")
+    return key
+
+
+@web.middleware
+async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, authentication, OpenAI-style errors, and one access-log line."""
+    started = time.perf_counter()
+    rid = _request_id(request)
+    request[REQUEST_ID] = rid
+    rt = request.app[RUNTIME]
+    status = 500
+    try:
+        if request.path not in OPEN_PATHS:
+            request[KEY] = _authenticate(request, rt)
+        resp = await handler(request)
+        status = resp.status
+    except ApiError as exc:
+        resp = exc.response()
+        status = exc.status
+    except web.HTTPException as exc:
+        status = exc.status
+        resp = _http_exception(exc)
+    resp.headers["x-request-id"] = rid
+    if rt.config.server.access_log:
+        usage = request.get(USAGE)
+        key: ApiKey | None = request.get(KEY)
+        log.info(
+            "request",
+            request_id=rid,
+            method=request.method,
+            path=request.path,
+            status=status,
+            tier=request.get(TIER),
+            attempts=request.get(ATTEMPTS),
+            latency_ms=round((time.perf_counter() - started) * 1000, 2),
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
+            key=key.name if key else None,
+        )
+    return resp
+
+
+def _http_exception(exc: web.HTTPException) -> web.Response:
+    if exc.status == 404:
+        err = ApiError(404, "Not found. The API lives under /v1 (see GET /v1/models).",
+                       code="not_found")
+    elif exc.status == 405:
+        err = ApiError(405, f"Method not allowed here. {exc.text or ''}".strip(),
+                       code="method_not_allowed", headers={"Allow": exc.headers.get("Allow", "")})
+    elif exc.status == 413:
+        err = ApiError(413, "Request body too large.", code="request_too_large")
+    else:
+        err = ApiError(exc.status, exc.reason or "error", code=f"http_{exc.status}")
+    return err.response()
+
+
+async def _json_body(request: web.Request, model: type[BaseModel]) -> tuple[Any, dict[str, Any]]:
+    rt = request.app[RUNTIME]
+    limit = rt.config.server.max_body_bytes
+    ctype = request.content_type
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise ApiError(415, f"Content-Type must be application/json, not {ctype or 'missing'}.",
+                       code="unsupported_media_type")
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"Request body is {request.content_length} bytes; the limit is {limit}.",
+                       code="request_too_large")
+    try:
+        raw_bytes = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise ApiError(413, f"Request body exceeds the limit of {limit} bytes.",
+                       code="request_too_large") from exc
+    try:
+        raw = json.loads(raw_bytes)
+    except ValueError as exc:
+        raise ApiError(400, f"Request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(raw, dict):
+        raise ApiError(400, "Request body must be a JSON object.", code="invalid_json")
+    try:
+        parsed = model.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        msg = first["msg"]
+        if first["type"] == "missing":
+            msg = f"'{param}' is a required property"
+        elif param:
+            msg = f"Invalid value for '{param}': {msg}"
+        raise ApiError(400, msg, code="invalid_request", param=param) from exc
+    return parsed, raw
+
+
+def _routing_error(exc: RoutingError) -> ApiError:
+    return ApiError(exc.status, exc.message, code=exc.code, type_=exc.type, headers=exc.headers)
+
+
+def _deadline(rt: Runtime) -> float:
+    return time.monotonic() + rt.config.server.request_timeout_s
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    body, raw = await _json_body(request, ChatCompletionBody)
+    rid = request[REQUEST_ID]
+    req = body.to_request(raw, rid)
+    key = request.get(KEY)
+    completion_id = f"chatcmpl-{rid}"
+    try:
+        if req.stream:
+            return await _stream(request, rt, req, key, completion_id)
+        served = await rt.router.chat(req, key, _deadline(rt))
+    except RoutingError as exc:
+        request[ATTEMPTS] = exc.attempts
+        raise _routing_error(exc) from exc
+    except FatalError as exc:
+        return json_response(exc.body, status=exc.status or 400)
+    request[TIER], request[ATTEMPTS], request[USAGE] = served.tier, served.attempts, served.result.usage
+    return json_response(
+        completion_json(req, served.result, completion_id),
+        headers={"x-tiergate-tier": served.tier, "x-tiergate-attempts": str(served.attempts)},
+    )
+
+
+async def _stream(request: web.Request, rt: Runtime, req: Any, key: ApiKey | None,
+                  completion_id: str) -> web.StreamResponse:
+    served = await rt.router.open_stream(req, key, _deadline(rt))
+    writer = ChunkWriter(req, completion_id)
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "x-tiergate-tier": served.tier,
+            "x-tiergate-attempts": str(served.attempts),
+            "x-request-id": request[REQUEST_ID],
+        }
+    )
+    request[TIER] = served.tier
+    try:
+        await resp.prepare(request)
+        try:
+            async for chunk in served:
+                await resp.write(writer.chunk(chunk))
+        except StreamBroken as exc:
+            log.warning("stream_broken", request_id=request[REQUEST_ID], tier=exc.tier,
+                        reason=exc.message)
+            await resp.write(writer.error(exc.message, code="upstream_stream_broken"))
+            return resp
+        if req.include_usage:
+            await resp.write(writer.usage(served.usage_total))
+        await resp.write(writer.DONE)
+        await resp.write_eof()
+    finally:
+        await served.aclose()
+        request[TIER] = "+".join(served.tiers_used)
+        request[ATTEMPTS] = served.attempts
+        request[USAGE] = served.usage_total
+    return resp
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    body, raw = await _json_body(request, EmbeddingBody)
+    req = body.to_request(raw, request[REQUEST_ID])
+    try:
+        served = await rt.router.embed(req, request.get(KEY), _deadline(rt))
+    except RoutingError as exc:
+        raise _routing_error(exc) from exc
+    except FatalError as exc:
+        return json_response(exc.body, status=exc.status or 400)
+    request[TIER], request[ATTEMPTS], request[USAGE] = served.tier, served.attempts, served.result.usage
+    return json_response(
+        embeddings_json(req, served.result),
+        headers={"x-tiergate-tier": served.tier, "x-tiergate-attempts": str(served.attempts)},
+    )
+
+
+async def list_models(request: web.Request) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    key: ApiKey | None = request.get(KEY)
+    created = int(rt.started_at)
+    data = []
+    for task in ("chat", "embeddings"):
+        for name in rt.router.public_models(task):
+            if key is None or key.may_use_model(name):
+                data.append({"id": name, "object": "model", "created": created, "owned_by": "tiergate"})
+    return json_response({"object": "list", "data": data})
+
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.StreamResponse:
+    ready, body = request.app[RUNTIME].readiness()
+    return json_response(body, status=200 if ready else 503)
+
+
+async def admin_usage(request: web.Request) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    day = request.query.get("day")
+    month = request.query.get("month")
+    try:
+        report = await rt.ledger.report(day=day, month=month)
+    except ConnectionError as exc:
+        raise ApiError(503, f"The ledger is unavailable: {exc}", code="ledger_unavailable") from exc
+    return json_response(report)
+
+
+def build_app(rt: Runtime) -> web.Application:
+    app = web.Application(middlewares=[edge], client_max_size=rt.config.server.max_body_bytes)
+    app[RUNTIME] = rt
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/admin/usage", admin_usage)
+    return app

@@ -1,0 +1,116 @@
+"""Structured logging: structlog processors in a pipeline, JSON lines off a TTY
+(systemd's journal), readable console output on one. A redaction processor runs last
+before rendering so that no secret reaches a log line, whoever logged it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import structlog
+
+_SECRET_KEYS = re.compile(
+    r"(authorization|api[-_]?key|token|secret|password|passwd|cookie|credential|bearer)",
+    re.IGNORECASE,
+)
+# Bearer tokens and common key shapes inside free text.
+_SECRET_TEXT = re.compile(
+    r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{6,}|\b(sk|hf|tg)[-_][A-Za-z0-9_-]{8,}"
+)
+REDACTED = "[redacted]"
+
+
+def _scrub_text(value: str) -> str:
+    return _SECRET_TEXT.sub(lambda m: (m.group(1) or "") + REDACTED, value)
+
+
+def _scrub(value: Any, depth: int = 0) -> Any:
+    if depth > 4:
+        return value
+    if isinstance(value, str):
+        return _scrub_text(value)
+    if isinstance(value, Mapping):
+        return {
+            k: (REDACTED if isinstance(k, str) and _SECRET_KEYS.search(k) else _scrub(v, depth + 1))
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return type(value)(_scrub(v, depth + 1) for v in value)
+    return value
+
+
+# Context keys that name a secret's *source* or a token count, not a secret.
+_ALLOWED = frozenset({"key", "key_name", "key_source", "tokens", "prompt_tokens",
+                      "completion_tokens", "total_tokens", "api_key_env"})
+
+
+def redact_secrets(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: drop secret-looking values, scrub tokens from text."""
+    for k in list(event_dict):
+        v = event_dict[k]
+        if k not in _ALLOWED and _SECRET_KEYS.search(k):
+            event_dict[k] = REDACTED
+        else:
+            event_dict[k] = _scrub(v)
+    return event_dict
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
+    """Set up structlog (and the stdlib root logger it feeds) once, at start or reload."""
+    stream = stream or sys.stderr
+    as_json = fmt == "json" or (fmt == "auto" and not _isatty(stream))
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+        redact_secrets,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=_isatty(stream))
+    )
+    numeric = getattr(logging, level.upper(), logging.INFO)
+    structlog.configure(
+        processors=[*shared, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    # Libraries that use stdlib logging (aiohttp, transformers) go through the same
+    # redaction and rendering.
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                redact_secrets,
+                renderer,
+            ],
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(numeric, logging.INFO) if numeric < logging.INFO else numeric)
+    # aiohttp's own access log is replaced by ours.
+    logging.getLogger("aiohttp.access").disabled = True
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False

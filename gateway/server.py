@@ -1,0 +1,166 @@
+"""Run the daemon: one aiohttp runner, a TCP site and/or a Unix-socket site (or the
+sockets systemd hands over), sd_notify, graceful shutdown on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import signal
+import socket
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from gateway.api import build_app
+from gateway.config import Config
+from gateway.runtime import Runtime
+
+log = structlog.get_logger(__name__)
+
+SD_LISTEN_FDS_START = 3
+
+
+def sd_notify(message: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Tell systemd about our state (READY=1, STOPPING=1, STATUS=...). No-op off systemd."""
+    env = os.environ if environ is None else environ
+    addr = env.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+        return True
+    except OSError as exc:
+        log.warning("sd_notify_failed", error=str(exc))
+        return False
+
+
+def inherited_sockets(environ: Mapping[str, str] | None = None) -> list[socket.socket]:
+    """Sockets passed by systemd socket activation (LISTEN_FDS), if they are ours."""
+    env = os.environ if environ is None else environ
+    if env.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(env.get("LISTEN_FDS", "0") or 0)
+    socks = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        os.set_inheritable(fd, False)
+        socks.append(socket.socket(fileno=fd))
+    return socks
+
+
+def prepare_unix_socket(path: Path) -> None:
+    """Replace a stale socket left by a crash; refuse to take over a live one or a
+    file that is not a socket."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.info("stale_socket_removed", path=str(path))
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"{path} is in use by another process")
+
+
+class Server:
+    def __init__(self, config: Config, *, environ: Mapping[str, str] | None = None) -> None:
+        self.config = config
+        self.environ = dict(os.environ if environ is None else environ)
+        self.runtime = Runtime(config, environ=self.environ)
+        self.runner: web.AppRunner | None = None
+        self._stop = asyncio.Event()
+        self._socket_path: Path | None = None
+        self.addresses: list[str] = []
+
+    async def start(self) -> None:
+        rt = self.runtime
+        activated = inherited_sockets(self.environ)
+        if not activated:
+            rt.check_bind_safety()
+        await rt.start()
+        app = build_app(rt)
+        self.runner = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=self.config.server.drain_timeout_s,
+        )
+        await self.runner.setup()
+        server = self.config.server
+        sites: list[web.BaseSite] = []
+        if activated:
+            sites = [web.SockSite(self.runner, s) for s in activated]
+        else:
+            if server.listen is not None:
+                host, port = server.listen
+                sites.append(web.TCPSite(self.runner, host, port, reuse_address=True))
+            if server.unix_socket:
+                self._socket_path = Path(server.unix_socket)
+                prepare_unix_socket(self._socket_path)
+                sites.append(web.UnixSite(self.runner, str(self._socket_path)))
+        for site in sites:
+            await site.start()
+        if self._socket_path is not None:
+            os.chmod(self._socket_path, server.socket_mode)
+        self.addresses = [self._address(s) for s in sites]
+        sd_notify("READY=1\nSTATUS=serving", self.environ)
+        log.info("listening", addresses=self.addresses)
+
+    @staticmethod
+    def _address(site: web.BaseSite) -> str:
+        srv = site._server  # aiohttp keeps the asyncio server here; its sockets are the truth
+        if srv is not None and getattr(srv, "sockets", None):
+            name = srv.sockets[0].getsockname()
+            if isinstance(name, tuple):
+                host, port = name[0], name[1]
+                return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+            return f"unix:{name}"
+        return site.name
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self) -> None:
+        sd_notify("STOPPING=1", self.environ)
+        log.info("shutting_down", drain_timeout_s=self.config.server.drain_timeout_s)
+        if self.runner is not None:
+            # Stops accepting, then waits up to shutdown_timeout for in-flight requests.
+            await self.runner.cleanup()
+        await self.runtime.stop(self.config.server.drain_timeout_s)
+        if self._socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._socket_path.unlink()
+        log.info("stopped")
+
+
+async def serve(config: Config, *, environ: Mapping[str, str] | None = None) -> int:
+    server = Server(config, environ=environ)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.request_stop)
+    try:
+        await server.start()
+        await server.wait()
+    finally:
+        await server.stop()
+    return 0

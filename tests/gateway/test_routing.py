@@ -1,0 +1,230 @@
+"""Fallback, retries and streaming failover, end to end: a real daemon in front of real
+(fake, misbehaving) upstream servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from tests.gateway.conftest import SECRET
+from tests.support.upstream import (
+    cut_after,
+    delay,
+    rate_limited,
+    stall_after,
+    stall_before_first,
+    status,
+)
+
+CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "say something"}]}
+
+
+def sse_events(text: str) -> list[str]:
+    return [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+
+
+def stream_text(events: list[str]) -> str:
+    out = ""
+    for e in events:
+        if e == "[DONE]":
+            continue
+        payload = json.loads(e)
+        for c in payload.get("choices", []):
+            out += c["delta"].get("content") or ""
+    return out
+
+
+async def test_closed_port_falls_over_to_second_tier(make_daemon, upstreams):
+    _, b = upstreams
+    async with make_daemon(first=None) as d:
+        async with d.post("/v1/chat/completions", json=CHAT) as r:
+            body = await r.json()
+            assert r.status == 200
+            assert r.headers["x-tiergate-tier"] == "second"
+            # first tier: one try and one retry, then the second tier
+            assert r.headers["x-tiergate-attempts"] == "3"
+            assert r.headers["x-request-id"]
+    assert body["choices"][0]["message"]["content"] == "Second tier answers here."
+    assert body["model"] == "gpt-test"
+    assert body["usage"]["completion_tokens"] == 4
+    assert b.requests[-1].json["model"] == "upstream-b"
+
+
+async def test_first_tier_serves_and_gets_the_key_and_unknown_fields(make_daemon, upstreams):
+    a, b = upstreams
+    async with make_daemon() as d:
+        payload = {**CHAT, "logit_bias": {"42": 1}, "vendor_knob": {"x": 1}, "temperature": 0.3}
+        async with d.post("/v1/chat/completions", json=payload) as r:
+            assert r.status == 200
+            assert r.headers["x-tiergate-tier"] == "first"
+            assert r.headers["x-tiergate-attempts"] == "1"
+    sent = a.requests[-1]
+    assert sent.json["vendor_knob"] == {"x": 1}
+    assert sent.json["logit_bias"] == {"42": 1}
+    assert sent.json["temperature"] == 0.3
+    assert sent.json["model"] == "upstream-a"
+    assert sent.headers["Authorization"] == f"Bearer {SECRET}"
+    assert b.count("/v1/chat/completions") == 0
+
+
+async def test_500_retried_then_next_tier(make_daemon, upstreams):
+    a, b = upstreams
+    a.push(status(500), status(502))
+    async with make_daemon() as d:
+        async with d.post("/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200
+            assert r.headers["x-tiergate-tier"] == "second"
+            assert r.headers["x-tiergate-attempts"] == "3"
+    assert a.count("/v1/chat/completions") == 2
+
+
+async def test_429_retry_after_is_honoured_on_the_same_tier(make_daemon, upstreams):
+    a, b = upstreams
+    a.push(rate_limited(retry_after=1))
+    async with make_daemon() as d:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with d.post("/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200
+            assert r.headers["x-tiergate-tier"] == "first"
+            assert r.headers["x-tiergate-attempts"] == "2"
+        # The retry waited for the upstream's Retry-After, not the 10 ms backoff.
+        assert loop.time() - started >= 0.9
+    assert b.count("/v1/chat/completions") == 0
+
+
+async def test_client_error_is_passed_through_without_failover(make_daemon, upstreams):
+    a, b = upstreams
+    upstream_error = {"error": {"message": "max_tokens is too large", "type": "invalid_request_error",
+                                "param": "max_tokens", "code": "bad_max"}}
+    a.push(status(400, upstream_error))
+    async with make_daemon() as d:
+        async with d.post("/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 400
+            assert await r.json() == upstream_error
+    assert b.count("/v1/chat/completions") == 0
+
+
+async def test_all_tiers_failing_gives_503_naming_each(make_daemon, upstreams):
+    a, b = upstreams
+    a.default = status(500)
+    b.default = status(503)
+    async with make_daemon() as d:
+        async with d.post("/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 503
+            err = (await r.json())["error"]
+    assert err["code"] == "no_tier_available"
+    assert "first" in err["message"] and "second" in err["message"]
+
+
+async def test_stream_passes_through_with_usage_and_done(make_daemon):
+    async with make_daemon() as d:
+        payload = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+        async with d.post("/v1/chat/completions", json=payload) as r:
+            assert r.status == 200
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            assert r.headers["x-tiergate-tier"] == "first"
+            events = sse_events(await r.text())
+    assert events[-1] == "[DONE]"
+    usage = json.loads(events[-2])["usage"]
+    assert usage["completion_tokens"] == 15
+    assert stream_text(events).startswith("The quick brown fox")
+    first = json.loads(events[0])
+    assert first["object"] == "chat.completion.chunk" and first["model"] == "gpt-test"
+
+
+async def test_failure_before_first_token_is_invisible(make_daemon, upstreams):
+    a, _ = upstreams
+    a.push(stall_before_first(5), stall_before_first(5))  # both tries stall past the 1 s timeout
+    async with make_daemon() as d:
+        async with d.post("/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+            assert r.status == 200
+            assert r.headers["x-tiergate-tier"] == "second"
+            events = sse_events(await r.text())
+    assert events[-1] == "[DONE]"
+    assert stream_text(events) == "Second tier answers here."
+
+
+async def test_cut_mid_stream_ends_with_error_event_never_done(make_daemon, upstreams):
+    a, _ = upstreams
+    a.push(cut_after(3))
+    async with make_daemon(failover="error") as d:
+        async with d.post("/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+            assert r.status == 200
+            events = sse_events(await r.text())
+    assert "[DONE]" not in events
+    last = json.loads(events[-1])
+    assert last["error"]["code"] == "upstream_stream_broken"
+    assert stream_text(events[:-1]) == "The quick brown"
+
+
+async def test_stall_mid_stream_is_caught_by_inter_token_timeout(make_daemon, upstreams):
+    a, _ = upstreams
+    a.push(stall_after(2, 30))
+    async with make_daemon(failover="error") as d:
+        async with d.post("/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+            events = sse_events(await asyncio.wait_for(r.text(), 10))
+    assert "[DONE]" not in events
+    assert "inter-token" in json.loads(events[-1])["error"]["message"]
+    # the stalled upstream was hung up on
+    await a.wait_disconnects(1)
+
+
+async def test_cut_mid_stream_resumes_on_next_tier(make_daemon, upstreams):
+    a, b = upstreams
+    # The second tier continues the first tier's text (continue_final_message).
+    b.reply = a.reply
+    a.push(cut_after(4))
+    async with make_daemon(failover="resume") as d:
+        payload = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+        async with d.post("/v1/chat/completions", json=payload) as r:
+            events = sse_events(await r.text())
+    assert events[-1] == "[DONE]"
+    assert stream_text(events) == a.reply
+    resumed = b.requests[-1].json
+    assert resumed["continue_final_message"] is True
+    assert resumed["messages"][-1] == {"role": "assistant", "content": "The quick brown fox"}
+    roles = [c["delta"].get("role") for e in events[:-1] for c in json.loads(e)["choices"]]
+    assert roles.count("assistant") == 1  # one role delta, not one per tier
+
+
+async def test_client_hangup_cancels_the_upstream(make_daemon, upstreams):
+    a, _ = upstreams
+    a.push(stall_after(2, 30))
+    async with make_daemon() as d:
+        async with d.post("/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+            assert r.status == 200
+            await r.content.readline()
+        # leaving the block closed our connection mid-stream
+        assert await a.wait_disconnects(1) == 1
+
+
+async def test_slow_non_stream_client_hangup_cancels_the_upstream(make_daemon, upstreams):
+    a, _ = upstreams
+    a.push(delay(30))
+    async with make_daemon() as d:
+        with_timeout = d.post("/v1/chat/completions", json=CHAT)
+        try:
+            await asyncio.wait_for(with_timeout.__aenter__(), 0.5)
+        except TimeoutError:
+            pass
+        assert await a.wait_disconnects(1) == 1
+
+
+async def test_circuit_opens_after_repeated_failures(make_daemon, upstreams):
+    a, b = upstreams
+    a.default = status(500)
+    toml_extra = {"failover": "error"}
+    async with make_daemon(**toml_extra) as d:
+        for _ in range(5):  # each request fails the tier once (2 tries); it opens at 5
+            async with d.post("/v1/chat/completions", json=CHAT) as r:
+                assert r.headers["x-tiergate-tier"] == "second"
+        calls = a.count("/v1/chat/completions")
+        async with d.post("/v1/chat/completions", json=CHAT) as r:
+            assert r.headers["x-tiergate-tier"] == "second"
+            assert r.headers["x-tiergate-attempts"] == "1"
+        async with d.get("/readyz") as r:
+            tiers = (await r.json())["tiers"]
+    assert calls == 10
+    assert a.count("/v1/chat/completions") == calls
+    assert tiers["first"]["circuit"] == "open"
