@@ -154,21 +154,6 @@ def openai_error_body(payload: Any, *, status: int, fallback: str) -> dict[str, 
     return error_body(fallback, status=status)
 
 
-def error_for_status(
-    status: int,
-    headers: Mapping[str, str],
-    raw: bytes,
-    *,
-    tier: str,
-    secret: str | None = None,
-) -> ProviderError:
-    """The typed error for an upstream answer with ``status`` >= 400."""
-    payload = decode_json(raw)
-    if payload is None:
-        payload = raw[:_MAX_MESSAGE_CHARS].decode("utf-8", "replace").strip()
-    return error_from_payload(status, headers, payload, tier=tier, secret=secret)
-
-
 def error_from_payload(
     status: int,
     headers: Mapping[str, str],
@@ -177,23 +162,13 @@ def error_from_payload(
     tier: str,
     secret: str | None = None,
 ) -> ProviderError:
-    """The typed error for an already decoded upstream error payload."""
+    """The typed error for an upstream answer with ``status`` >= 400 (or an error sent
+    inside a stream), from its decoded body."""
     body = _mask_tree(openai_error_body(payload, status=status, fallback=f"upstream answered {status}"), secret)
     message = mask(body["error"]["message"], secret)
-    if status == 429:
-        return RetryableError(
-            f"upstream rate limited: {message}",
-            tier=tier,
-            status=status,
-            retry_after=parse_retry_after(headers),
-        )
-    if status >= 500 or status == 408:
-        return RetryableError(
-            f"upstream {status}: {message}",
-            tier=tier,
-            status=status,
-            retry_after=parse_retry_after(headers),
-        )
+    if status == 429 or status == 408 or status >= 500:
+        what = "upstream rate limited" if status == 429 else f"upstream {status}"
+        return RetryableError(f"{what}: {message}", tier=tier, status=status, retry_after=parse_retry_after(headers))
     return FatalError(
         message,
         tier=tier,
@@ -204,13 +179,17 @@ def error_from_payload(
     )
 
 
-async def read_error_body(resp: aiohttp.ClientResponse, *, tier: str) -> bytes:
-    """A failed response's body, or b"" when even that cannot be read."""
+async def read_error_payload(resp: aiohttp.ClientResponse, *, tier: str) -> Any:
+    """A failed response's body: its JSON, else its text ("" when it cannot be read)."""
     try:
-        return await resp.read()
+        raw = await resp.read()
     except TRANSPORT_ERRORS as exc:
         log.info("upstream_error_body_unread", tier=tier, status=resp.status, error=type(exc).__name__)
-        return b""
+        return ""
+    payload = decode_json(raw)
+    if payload is None:
+        return raw[:_MAX_MESSAGE_CHARS].decode("utf-8", "replace").strip()
+    return payload
 
 
 def transport_error(exc: BaseException, *, tier: str, secret: str | None = None) -> RetryableError:

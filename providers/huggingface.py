@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 from providers.config import TierConfig
 from providers.errors import ProviderError, RetryableError
-from providers.http import decode_json, mask
+from providers.http import mask
 from providers.openai_compat import OpenAICompatProvider
 from providers.schemas import EmbeddingRequest, EmbeddingResult, Usage
 
@@ -68,8 +68,7 @@ class HuggingFaceProvider(OpenAICompatProvider):
         origin = self._router_url.removesuffix("/v1")
         return f"{origin}/hf-inference/models/{quote(model_id, safe='/')}/pipeline/feature-extraction"
 
-    def upstream_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ProviderError:
-        payload = decode_json(raw)
+    def upstream_error(self, status: int, headers: Mapping[str, str], payload: Any) -> ProviderError:
         if status == 503 and isinstance(payload, dict) and "estimated_time" in payload:
             try:
                 estimate = float(payload["estimated_time"])
@@ -82,7 +81,7 @@ class HuggingFaceProvider(OpenAICompatProvider):
                 status=status,
                 retry_after=estimate,
             )
-        return super().upstream_error(status, headers, raw)
+        return super().upstream_error(status, headers, payload)
 
     async def embed(self, req: EmbeddingRequest) -> EmbeddingResult:
         if not self.on_router:

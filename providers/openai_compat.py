@@ -24,8 +24,8 @@ from providers.http import (
     auth_headers,
     create_session,
     decode_json,
-    error_for_status,
-    read_error_body,
+    error_from_payload,
+    read_error_payload,
     transport_error,
 )
 from providers.schemas import (
@@ -183,15 +183,15 @@ class OpenAICompatProvider:
         try:
             async with self._session.request(method, url, json=json, timeout=timeout) as resp:
                 if resp.status >= 400:
-                    raw = await read_error_body(resp, tier=self.name)
-                    raise self.upstream_error(resp.status, resp.headers, raw)
+                    payload = await read_error_payload(resp, tier=self.name)
+                    raise self.upstream_error(resp.status, resp.headers, payload)
                 yield resp
         except TRANSPORT_ERRORS as exc:
             raise transport_error(exc, tier=self.name, secret=self._api_key) from exc
 
-    def upstream_error(self, status: int, headers: Mapping[str, str], raw: bytes) -> ProviderError:
+    def upstream_error(self, status: int, headers: Mapping[str, str], payload: Any) -> ProviderError:
         """The typed error for a failed upstream answer; tiers add their own cases."""
-        return error_for_status(status, headers, raw, tier=self.name, secret=self._api_key)
+        return error_from_payload(status, headers, payload, tier=self.name, secret=self._api_key)
 
     async def post_json(self, url: str, body: Any) -> Any:
         """POST ``body`` and return the decoded JSON answer."""
