@@ -1,0 +1,40 @@
+"""Engine registry: ``engine = "..."`` in a local tier's TOML picks one.
+
+- ``continuous`` (default): ``BatchedEngine``, continuous batching over a slot cache;
+- ``transformers_cb``: transformers' own ``ContinuousBatchingManager`` behind the same
+  interface (greedy or one fixed sampling setup per tier; see ``transformers_cb.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from providers.config import TierConfig
+from providers.local.engine import BatchedEngine, Engine
+from providers.local.resolve import ModelSpecError
+
+ENGINES = ("continuous", "transformers_cb")
+
+
+def make_engine(cfg: TierConfig, loaded: Any) -> Engine:
+    if cfg.engine == "continuous":
+        return BatchedEngine(
+            loaded.model,
+            eos_token_ids=loaded.eos_token_ids,
+            max_context=loaded.max_context,
+            max_batch=cfg.max_batch,
+            max_queue=cfg.max_queue,
+            name=cfg.name,
+        )
+    if cfg.engine == "transformers_cb":
+        from providers.local.transformers_cb import TransformersCBEngine
+
+        return TransformersCBEngine(
+            loaded.model,
+            eos_token_ids=loaded.eos_token_ids,
+            max_context=loaded.max_context,
+            max_batch=cfg.max_batch,
+            max_queue=cfg.max_queue,
+            name=cfg.name,
+        )
+    raise ModelSpecError(f"unknown engine {cfg.engine!r}; known: {', '.join(ENGINES)}")
