@@ -34,6 +34,7 @@ the holds whose expiry has passed and gives their amount back.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Literal
 
 WindowKind = Literal["day", "month"]
@@ -51,6 +52,7 @@ def month_of(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m")
 
 
+@lru_cache(maxsize=64)
 def window_end(kind: WindowKind, period: str) -> int:
     """Unix seconds when the window closes (the next UTC midnight or month start)."""
     if kind == "day":

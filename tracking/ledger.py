@@ -491,7 +491,7 @@ class Ledger:
 
     async def _replay_journal(self) -> None:
         """Replay every journaled event into Redis (raises if Redis fails midway)."""
-        while self.journal.has_entries():
+        while await asyncio.to_thread(self.journal.has_entries):
             read, counted = await self.journal.replay(self._replay_batch)
             log.info("journal_replayed", events=read, counted=counted, duplicates=read - counted)
 

@@ -140,5 +140,8 @@ class UsageEvent:
         )
 
 
-class LedgerUnavailableError(Exception):
-    """Redis cannot be reached; what was asked needs it (a report, say)."""
+class LedgerUnavailableError(ConnectionError):
+    """Redis cannot be reached and what was asked needs it (a report, say).
+
+    A builtin ``ConnectionError``, so callers need not know redis-py's exceptions.
+    """

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from tracking.config import BudgetsConfig
 from tracking.keys import KeyStore
@@ -24,7 +25,9 @@ from tracking.keyspace import (
     key_scope,
     month_of,
     tier_scope,
+    window_end,
 )
+from tracking.records import LedgerUnavailableError
 
 # scope -> {"day": limit micros, "month": limit micros}
 BudgetLimitsByScope = dict[str, dict[str, int]]
@@ -73,6 +76,8 @@ async def build_report(
     """Two round trips: which scopes have usage (and the server clock), then their counters."""
     now = time.time()
     periods: dict[WindowKind, str] = {"day": day or day_of(now), "month": month or month_of(now)}
+    for kind, period in periods.items():
+        window_end(kind, period)  # raises ValueError for a malformed day or month
 
     async with redis.pipeline(transaction=False) as pipe:
         pipe.time()
@@ -142,6 +147,8 @@ async def fetch_report(
     redis = Redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     try:
         return await build_report(redis, KeySpace(prefix), limits, day=day, month=month)
+    except (RedisError, OSError) as exc:
+        raise LedgerUnavailableError(f"cannot read usage from Redis: {exc}") from exc
     finally:
         await redis.aclose()
 
