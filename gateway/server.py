@@ -105,6 +105,7 @@ class Server:
         await self.runner.setup()
         server = self.config.server
         sites: list[web.BaseSite] = []
+        socket_path: Path | None = None
         if activated:
             sites = [web.SockSite(self.runner, s) for s in activated]
         else:
@@ -112,13 +113,24 @@ class Server:
                 host, port = server.listen
                 sites.append(web.TCPSite(self.runner, host, port, reuse_address=True))
             if server.unix_socket:
-                self._socket_path = Path(server.unix_socket)
-                prepare_unix_socket(self._socket_path)
-                sites.append(web.UnixSite(self.runner, str(self._socket_path)))
+                socket_path = Path(server.unix_socket)
+                prepare_unix_socket(socket_path)
+                sites.append(web.UnixSite(self.runner, str(socket_path)))
         for site in sites:
-            await site.start()
-        if self._socket_path is not None:
-            os.chmod(self._socket_path, server.socket_mode)
+            if isinstance(site, web.UnixSite):
+                # Bind owner-only, then open up to the configured mode: the socket is
+                # never more open than asked, not even for a moment.
+                old = os.umask(0o177)
+                try:
+                    await site.start()
+                finally:
+                    os.umask(old)
+            else:
+                await site.start()
+        if socket_path is not None:
+            # Ours from here on: removed on exit (never a live socket we failed to take).
+            self._socket_path = socket_path
+            os.chmod(socket_path, server.socket_mode)
         self.addresses = [self._address(s) for s in sites]
         sd_notify("READY=1\nSTATUS=serving", self.environ)
         log.info("listening", addresses=self.addresses)
