@@ -23,7 +23,7 @@ from gateway.wire import (
     embeddings_json,
 )
 from providers.errors import FatalError
-from tracking import ApiKey
+from tracking import ApiKey, LedgerUnavailableError
 
 log = structlog.get_logger("gateway.access")
 
@@ -271,8 +271,10 @@ async def admin_usage(request: web.Request) -> web.StreamResponse:
     month = request.query.get("month")
     try:
         report = await rt.ledger.report(day=day, month=month)
-    except ConnectionError as exc:
+    except LedgerUnavailableError as exc:
         raise ApiError(503, f"The ledger is unavailable: {exc}", code="ledger_unavailable") from exc
+    except ValueError as exc:
+        raise ApiError(400, f"Bad day or month: {exc}", code="invalid_request") from exc
     return json_response(report)
 
 

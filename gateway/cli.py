@@ -125,16 +125,21 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
 
 def cmd_usage(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    from tracking import KeyStore, fetch_report, render_table
+    from redis.exceptions import RedisError
+
+    from tracking import KeyStore, LedgerUnavailableError, fetch_report, render_table
 
     try:
         report = asyncio.run(fetch_report(
             config.redis.url, config.redis.key_prefix, day=args.day, month=args.month,
             budgets=config.budgets, keys=KeyStore(config.keys),
         ))
-    except ConnectionError as exc:
+    except (OSError, RedisError, LedgerUnavailableError) as exc:
         print(f"tiergate: cannot read usage from Redis: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:
+        print(f"tiergate: bad --day or --month: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(report, indent=2))
     else:
