@@ -107,6 +107,7 @@ class Ledger:
         self._release: AsyncScript | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
         self._closed = False
+        self._replaying = False
         # Counted for metrics: events that went to the journal, and events lost
         # (Redis and the journal both failed).
         self.journaled_events = 0
@@ -126,6 +127,11 @@ class Ledger:
     @property
     def state(self) -> LedgerState:
         return self._state
+
+    @property
+    def replaying(self) -> bool:
+        """True while journaled usage is being replayed into Redis (for /readyz)."""
+        return self._replaying
 
     async def start(self) -> None:
         """Connect and replay any journal left behind. Never raises for a Redis that is down."""
@@ -147,11 +153,14 @@ class Ledger:
         self._release = self._redis.register_script(_load_script("release.lua"))
         try:
             await self._redis.ping()
-            await self._replay_journal()
         except (*_REDIS_DOWN, RedisError) as exc:
             self._lost(exc)
             return
         self._set_connected()
+        try:
+            await self._drain_journal()
+        except (*_REDIS_DOWN, RedisError) as exc:
+            self._lost(exc)
 
     async def aclose(self) -> None:
         """Stop reconnecting, flush the journal, close the pool."""
@@ -190,16 +199,23 @@ class Ledger:
         delay = self.config.reconnect_min_s
         while not self._closed:
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, self.config.reconnect_max_s)
             try:
                 await self._redis.ping()
-                await self._replay_journal()
             except (*_REDIS_DOWN, RedisError) as exc:
                 log.debug("ledger_reconnect_failed", error=str(exc), retry_in_s=round(delay, 2))
-                delay = min(delay * 2, self.config.reconnect_max_s)
                 continue
+            # Connected first, so new usage goes live and the journal only shrinks.
             self._set_connected()
-            self._reconnect_task = None
-            return
+            try:
+                await self._drain_journal()
+            except (*_REDIS_DOWN, RedisError) as exc:
+                self._state = "unavailable"
+                log.warning("journal_replay_failed", error=f"{type(exc).__name__}: {exc}")
+                continue
+            if self._state == "connected":  # no call failed meanwhile
+                self._reconnect_task = None
+                return
 
     def _safe_url(self) -> str:
         # The URL may carry a password; log host and port only.
@@ -489,11 +505,20 @@ class Ledger:
         self.journaled_events += 1
         log.debug("usage_journaled", event_id=event.id, tier=event.tier)
 
-    async def _replay_journal(self) -> None:
-        """Replay every journaled event into Redis (raises if Redis fails midway)."""
-        while await asyncio.to_thread(self.journal.has_entries):
-            read, counted = await self.journal.replay(self._replay_batch)
-            log.info("journal_replayed", events=read, counted=counted, duplicates=read - counted)
+    async def _drain_journal(self) -> None:
+        """Replay every journaled event into Redis (raises if Redis fails midway).
+
+        Called once connected: appends still in flight land first, and no new ones
+        start unless a call fails again (which starts another reconnect and drain).
+        """
+        self._replaying = True
+        try:
+            await self.journal.flush()
+            while await asyncio.to_thread(self.journal.has_entries):
+                read, counted = await self.journal.replay(self._replay_batch)
+                log.info("journal_replayed", events=read, counted=counted, duplicates=read - counted)
+        finally:
+            self._replaying = False
 
     async def _replay_batch(self, events: Sequence[UsageEvent]) -> int:
         assert self._redis is not None and self._commit is not None

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 import time
+from pathlib import Path
 
 from redis.asyncio import Redis
 
@@ -249,3 +252,45 @@ async def test_reconfigure_applies_new_budgets(make_ledger: MakeLedger) -> None:
     ledger.reconfigure(budgets=_budgets(**{"global": {"daily_usd": 0.002}}), prices=ledger.prices, keys=ledger.keys)
     assert isinstance(await ledger.reserve(_req(1000)), Hold)
     await wait_for(lambda: ledger.state == "connected")
+
+
+_HOLDER = """
+import asyncio, sys
+from pathlib import Path
+from tracking import BudgetsConfig, Hold, HoldRequest, KeyStore, Ledger, Price, PriceTable, RedisConfig
+
+async def main():
+    ledger = Ledger(
+        RedisConfig(url=sys.argv[1], hold_ttl_s=0.5),
+        BudgetsConfig.model_validate({"global": {"daily_usd": 0.001}}),
+        PriceTable({"paid": Price(1.0, 2.0)}), KeyStore(), Path(sys.argv[2]),
+    )
+    await ledger.start()
+    hold = await ledger.reserve(HoldRequest("paid", "m", None, 1000))
+    print("held" if isinstance(hold, Hold) else "refused", flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+async def test_sigkilled_daemon_holding_budget_gives_it_back(
+    make_ledger: MakeLedger, redis_url: str, tmp_path: Path
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HOLDER, redis_url, str(tmp_path / "j.jsonl"),
+        stdout=asyncio.subprocess.PIPE, cwd=str(Path(__file__).parents[2]),
+    )
+    try:
+        assert proc.stdout is not None
+        line = b"-"
+        while line.strip() not in (b"held", b"refused", b""):  # skip its log lines
+            line = await proc.stdout.readline()
+        assert line.strip() == b"held"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    ledger = await make_ledger(budgets=_budgets(**{"global": {"daily_usd": 0.001}}))
+    assert isinstance(await ledger.reserve(_req(1000)), Refusal)  # still held by the dead one
+    await asyncio.sleep(0.7)
+    assert isinstance(await ledger.reserve(_req(1000)), Hold)
