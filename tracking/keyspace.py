@@ -27,8 +27,9 @@ key                                   type    content
                                               expires when the bucket is full again.
 ====================================  ======  ===============================================
 
-Holds purge lazily: every script that touches a budgeted (scope, window) first drops
-the holds whose expiry has passed and gives their amount back.
+Holds purge lazily: before checking a budget, the admit script drops the holds of that
+(scope, window) whose expiry has passed and gives their amount back; reports leave
+expired holds out of ``held``.
 """
 
 from __future__ import annotations
