@@ -160,6 +160,13 @@ class Config(BaseSettings):
             for t in key.tiers or ():
                 if t not in names:
                     raise ValueError(f"key {key.name!r} allows tier {t!r}, which does not exist")
+        priced = [t.name for t in self.tiers if not t.price.is_free]
+        if priced and self.redis.hold_ttl_s < self.server.request_timeout_s:
+            raise ValueError(
+                f"redis.hold_ttl_s ({self.redis.hold_ttl_s}) must be at least "
+                f"server.request_timeout_s ({self.server.request_timeout_s}): a budget hold "
+                f"must outlive the longest call of a priced tier ({', '.join(priced)})"
+            )
         if not self.server.http and not self.server.unix_socket:
             raise ValueError("server: both http and unix_socket are off; nothing would listen")
         return self

@@ -391,9 +391,8 @@ class Router:
                 continue
             outcome = await self._hold_for(req, tier, key, first_outcome, i == 0)
             if isinstance(outcome, Refusal):
-                trail.refusals.append(outcome)
+                trail.refusals.append(outcome)  # the ledger logged it
                 tier.health.release_trial()
-                log.info("budget_refused", tier=tier.name, scope=outcome.scope, window=outcome.window)
                 continue
             tier_req = self._bounded(req, tier) if task == "chat" else original
             tier.health.in_flight += 1

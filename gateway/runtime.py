@@ -170,5 +170,6 @@ class Runtime:
                 usable = True
         for name, why in self.disabled.items():
             tiers[name] = {"ready": False, "error": why}
+        ledger = "replaying" if self.ledger.replaying else self.ledger.state
         return usable, {"status": "ready" if usable else "not_ready",
-                        "ledger": self.ledger.state, "tiers": tiers}
+                        "ledger": ledger, "tiers": tiers}

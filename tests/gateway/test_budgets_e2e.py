@@ -29,6 +29,7 @@ PRICED_THEN_FREE = """
 http = "127.0.0.1:{port}"
 unix_socket = ""
 state_dir = "{state}"
+request_timeout_s = {hold_ttl}
 
 [logging]
 format = "json"

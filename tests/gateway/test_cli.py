@@ -107,3 +107,46 @@ async def test_serve_logs_json_lines_without_secrets_and_stops_cleanly(served):
     assert access and access[0]["tier"] == "first" and access[0]["status"] == 200
     assert {"request_id", "attempts", "latency_ms", "prompt_tokens", "completion_tokens"} <= set(access[0])
     assert SECRET not in log
+
+
+async def test_sigterm_drains_in_flight_requests_and_notifies_systemd(tmp_path: Path, redis_url: str):
+    import asyncio
+    import signal
+    import socket as socketlib
+
+    from tests.support.upstream import delay
+
+    notify_path = tmp_path / "notify.sock"
+    notify = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.setblocking(False)
+    async with FakeUpstream() as up:
+        up.push(delay(1.5))
+        toml = (TWO_TIERS.replace("{redis}", redis_url).replace("{failover}", "error")
+                .replace("{first}", up.base_url).replace("{second}", up.base_url))
+        d = SubprocessDaemon(toml, tmp_path, env={"FIRST_KEY": SECRET, "NOTIFY_SOCKET": str(notify_path)})
+        try:
+            await asyncio.to_thread(d.start)
+            body = json.dumps({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}).encode()
+            req = urllib.request.Request(d.url + "/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            in_flight = asyncio.create_task(asyncio.to_thread(urllib.request.urlopen, req, timeout=20))
+            while up.count("/v1/chat/completions") < 1:
+                await asyncio.sleep(0.05)
+            d.signal(signal.SIGTERM)
+            resp = await in_flight
+            assert resp.status == 200  # finished although SIGTERM came while it was in flight
+            assert json.loads(resp.read())["choices"][0]["message"]["content"]
+            rc = await asyncio.to_thread(d.process.wait, 30)
+            assert rc == 0
+            messages = []
+            while True:
+                try:
+                    messages.append(notify.recv(4096).decode())
+                except BlockingIOError:
+                    break
+            assert any(m.startswith("READY=1") for m in messages)
+            assert "STOPPING=1" in messages
+        finally:
+            d.stop()
+            notify.close()
