@@ -24,12 +24,20 @@ _SECRET_TEXT = re.compile(
 REDACTED = "[redacted]"
 
 
+# The shortest text _SECRET_TEXT can match ("sk-" and 8 more): shorter text is clean.
+_MIN_SECRET_TEXT = 11
+# Values that cannot hold a secret; most of a log line (counts, latencies, flags).
+_PLAIN = frozenset({int, float, bool, type(None)})
+
+
 def _scrub_text(value: str) -> str:
+    if len(value) < _MIN_SECRET_TEXT:
+        return value
     return _SECRET_TEXT.sub(lambda m: (m.group(1) or "") + REDACTED, value)
 
 
 def _scrub(value: Any, depth: int = 0) -> Any:
-    if depth > 4:
+    if type(value) in _PLAIN or depth > 4:
         return value
     if isinstance(value, str):
         return _scrub_text(value)
@@ -46,17 +54,29 @@ def _scrub(value: Any, depth: int = 0) -> Any:
 # Context keys that name a secret's *source* or a token count, not a secret.
 _ALLOWED = frozenset({"key", "key_name", "key_source", "tokens", "prompt_tokens",
                       "completion_tokens", "total_tokens", "api_key_env"})
+# Context key -> whether it names a secret. Log call sites use a small, fixed set of
+# keys, so the answer is remembered (bounded, in case some caller makes keys up).
+_secret_key_cache: dict[str, bool] = {}
+_SECRET_KEY_CACHE_MAX = 4096
+
+
+def _is_secret_key(key: str) -> bool:
+    known = _secret_key_cache.get(key)
+    if known is None:
+        known = key not in _ALLOWED and _SECRET_KEYS.search(key) is not None
+        if len(_secret_key_cache) < _SECRET_KEY_CACHE_MAX:
+            _secret_key_cache[key] = known
+    return known
 
 
 def redact_secrets(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     """structlog processor: drop secret-looking values, scrub tokens from text."""
-    for k in list(event_dict):
-        v = event_dict[k]
-        if k not in _ALLOWED and _SECRET_KEYS.search(k):
+    for k, v in list(event_dict.items()):
+        if _is_secret_key(k):
             event_dict[k] = REDACTED
-        else:
+        elif type(v) not in _PLAIN:
             event_dict[k] = _scrub(v)
     return event_dict
 
