@@ -37,7 +37,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tracking.config import BudgetsConfig, RedisConfig
@@ -112,6 +112,9 @@ class Ledger:
         # (Redis and the journal both failed).
         self.journaled_events = 0
         self.lost_events = 0
+        # Commits with no hold in Redis, waiting for the next pipeline (group commit).
+        self._pending: list[tuple[UsageEvent, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self.reconfigure(budgets=budgets, prices=prices, keys=keys)
 
     # -- configuration -------------------------------------------------------
@@ -165,6 +168,8 @@ class Ledger:
     async def aclose(self) -> None:
         """Stop reconnecting, flush the journal, close the pool."""
         self._closed = True
+        if self._flusher is not None:
+            await self._flusher
         if self._reconnect_task is not None:
             self._reconnect_task.cancel()
             try:
@@ -408,7 +413,20 @@ class Ledger:
 
         If Redis cannot take it, the event goes to the journal and is replayed later;
         the hold, if it was in Redis, returns when its TTL passes.
+
+        A commit with no hold in Redis to settle (a free tier, no budget) joins a group
+        commit: one pipeline carries every such event queued meanwhile, each still its
+        own script call, counted once by id. Returns when its group is in Redis or the
+        journal; a pipeline that fails part way journals the whole group, and the replay
+        counts only the events Redis had not counted.
         """
+        if hold is None or not hold.budgets:
+            done = asyncio.get_running_loop().create_future()
+            self._pending.append((event, done))
+            if self._flusher is None:
+                self._flusher = asyncio.create_task(self._flush_commits(), name="ledger_group_commit")
+            await asyncio.shield(done)
+            return
         if self._state == "connected":
             assert self._commit is not None
             keys, args = self._commit_call(hold, event, live=True)
@@ -418,6 +436,55 @@ class Ledger:
             except (*_REDIS_DOWN, RedisError) as exc:
                 self._down(exc)
         await self._journal(event)
+
+    async def _flush_commits(self) -> None:
+        """Send queued commits, one pipeline at a time, until none are left. Events that
+        arrive while a pipeline is in flight go in the next one."""
+        try:
+            while self._pending:
+                group, self._pending = self._pending, []
+                events = [event for event, _ in group]
+                try:
+                    sent = False
+                    if self._state == "connected":
+                        try:
+                            await self._commit_group(events)
+                            sent = True
+                        except (*_REDIS_DOWN, RedisError) as exc:
+                            self._down(exc)
+                    if not sent:
+                        for event in events:
+                            await self._journal(event)
+                except BaseException as exc:  # each commit's caller sees it, as before
+                    for _, done in group:
+                        if done.done():
+                            continue
+                        if isinstance(exc, asyncio.CancelledError):
+                            done.cancel()
+                        else:
+                            done.set_exception(exc)
+                    raise
+                for _, done in group:
+                    if not done.done():
+                        done.set_result(None)
+        finally:
+            self._flusher = None
+
+    async def _commit_group(self, events: Sequence[UsageEvent]) -> None:
+        assert self._redis is not None and self._commit is not None
+        calls = [self._commit_call(None, event, live=True) for event in events]
+        for reload in (False, True):
+            if reload:  # Redis lost its scripts (a restart): load it and send again
+                await self._redis.script_load(self._commit.script)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
+                try:
+                    await pipe.execute()
+                    return
+                except NoScriptError:
+                    if reload:
+                        raise
 
     async def record_error(self, scopes: Scopes, hold: Hold | None = None) -> None:
         """Count a failed call (and release its hold): a commit of an error event."""

@@ -187,6 +187,26 @@ async def test_same_event_counts_once(make_ledger: MakeLedger, redis: Redis) -> 
     assert (await _usage(redis, "day", "global"))["requests"] == 1
 
 
+async def test_concurrent_free_commits_each_count_once(make_ledger: MakeLedger, redis: Redis) -> None:
+    # Commits with no hold in Redis go out in pipelined groups: none lost, none doubled.
+    ledger = await make_ledger()
+    events = [UsageEvent(tier="local", model="smol", key=None, prompt_tokens=2, completion_tokens=1)
+              for _ in range(150)]
+    await asyncio.gather(*(ledger.commit(None, e) for e in events + events[:40]))
+    assert await _usage(redis, "day", "global") == {
+        "requests": 150, "prompt_tokens": 300, "completion_tokens": 150, "cost_micros": 0}
+
+
+async def test_group_commit_survives_redis_losing_its_scripts(make_ledger: MakeLedger, redis: Redis) -> None:
+    ledger = await make_ledger()
+    await ledger.commit(None, UsageEvent(tier="local", model="smol", key=None, prompt_tokens=1))
+    await redis.script_flush()
+    await asyncio.gather(*(ledger.commit(None, UsageEvent(tier="local", model="smol", key=None, prompt_tokens=1))
+                           for _ in range(5)))
+    assert (await _usage(redis, "day", "global"))["requests"] == 6
+    assert ledger.journaled_events == 0
+
+
 async def test_rpm_holds_across_two_daemons(make_ledger: MakeLedger) -> None:
     keys = [KeyConfig(name="alice", sha256=hash_key("t"), rpm=5)]
     a, b = await make_ledger(keys=keys), await make_ledger(keys=keys)
