@@ -347,22 +347,44 @@ class Router:
         deadline: float,
         call: Callable[[], Awaitable[T]],
     ) -> T:
-        """``call()`` on one tier, retried while retryable and time remains."""
+        """``call()`` on one tier, retried while retryable and time remains.
+
+        The first try runs before any tenacity machinery is built (most calls succeed at
+        once, and building it costs more than a call to a loopback upstream). Its
+        retryable failure becomes tenacity's first attempt, so every decision after it
+        (retry or not, wait, stop) is the one tenacity makes.
+        """
+        try:
+            return await self._try_once(tier, trail, deadline, call)
+        except RetryableError as exc:
+            first_failure: RetryableError | None = exc
         async for attempt in self._retrying(deadline):
             with attempt:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise RetryableError("request deadline passed", tier=tier.name)
-                trail.attempts += 1
-                timeout = min(tier.cfg.timeout_s, remaining)
-                try:
-                    async with asyncio.timeout(timeout):
-                        return await call()
-                except TimeoutError as exc:
-                    raise RetryableError(
-                        f"timed out after {timeout:.1f}s", tier=tier.name
-                    ) from exc
+                if first_failure is not None:
+                    failure, first_failure = first_failure, None
+                    raise failure
+                return await self._try_once(tier, trail, deadline, call)
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    async def _try_once(
+        self,
+        tier: Tier,
+        trail: _Trail,
+        deadline: float,
+        call: Callable[[], Awaitable[T]],
+    ) -> T:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RetryableError("request deadline passed", tier=tier.name)
+        trail.attempts += 1
+        timeout = min(tier.cfg.timeout_s, remaining)
+        try:
+            async with asyncio.timeout(timeout):
+                return await call()
+        except TimeoutError as exc:
+            raise RetryableError(
+                f"timed out after {timeout:.1f}s", tier=tier.name
+            ) from exc
 
     # -- the walk ---------------------------------------------------------------------
 
