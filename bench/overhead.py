@@ -126,10 +126,25 @@ class Run:
     p50_ms: float
     p99_ms: float
     errors: int
+    # CPU seconds the server in front (upstream for direct) spent during the run.
+    server_cpu_s: float = 0.0
 
     @property
     def rps(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return self.server_cpu_s / self.requests * 1e6 if self.requests else 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _python_load(url: str, connections: int, duration: float, body: bytes) -> dict[str, Any]:
@@ -201,7 +216,7 @@ class LoadGen:
         return "bench/overhead.py --load (aiohttp client, uvloop)" if uses_uvloop() else \
             "bench/overhead.py --load (aiohttp client)"
 
-    def run(self, target: str, url: str, connections: int, duration: float) -> Run:
+    def run(self, target: str, url: str, connections: int, duration: float, pid: int = 0) -> Run:
         if self.kind == "wrk":
             # wrk takes whole seconds.
             cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "5s",
@@ -210,14 +225,16 @@ class LoadGen:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--load", "--url", url,
                    "--connections", str(connections), "--duration", str(duration),
                    "--body", self.body.decode()]
+        cpu_before = cpu_seconds(pid) if pid else 0.0
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+        cpu = cpu_seconds(pid) - cpu_before if pid else 0.0
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if out.returncode != 0 or line is None:
             raise RuntimeError(f"load generator failed ({out.returncode}): {out.stderr.strip()[-500:]}")
         raw = json.loads(line[len("RESULT "):])
         return Run(target=target, connections=connections, requests=int(raw["requests"]),
                    seconds=float(raw["seconds"]), p50_ms=float(raw["p50_ms"]),
-                   p99_ms=float(raw["p99_ms"]), errors=int(raw["errors"]))
+                   p99_ms=float(raw["p99_ms"]), errors=int(raw["errors"]), server_cpu_s=cpu)
 
 
 # -- the servers ------------------------------------------------------------------------------
@@ -301,7 +318,8 @@ def servers(workdir: Path) -> Iterator[dict[str, Any]]:
             headers = wait_http(urls[name], probe)
             if name == "daemon" and headers.get("x-tiergate-tier") != "upstream":
                 raise RuntimeError(f"the daemon did not route to the upstream tier: {headers}")
-        yield {"urls": urls, "config": config, "log": workdir / "daemon.log"}
+        pids = dict(zip(("direct", "bare", "daemon"), (p.pid for p in procs), strict=True))
+        yield {"urls": urls, "pids": pids, "config": config, "log": workdir / "daemon.log"}
     finally:
         for p in reversed(procs):
             if p.poll() is None:
@@ -355,6 +373,7 @@ def summarise(runs: list[Run]) -> dict[str, Any]:
                 "p50_ms": _median([r.p50_ms for r in mine]),
                 "p99_ms": _median([r.p99_ms for r in mine]),
                 "rps": _median([r.rps for r in mine]),
+                "cpu_us_per_request": _median([r.cpu_us_per_request for r in mine]),
                 "rounds": len(mine),
                 "errors": sum(r.errors for r in mine),
             }
@@ -377,13 +396,15 @@ def render(summary: dict[str, Any]) -> str:
         rows = summary[mode]
         lines.append(f"{title}:")
         lines.append(f"  {'target':<8} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10} {'added p99':>10}"
-                     f" {'req/s':>8} {'errors':>7}")
+                     f" {'req/s':>8} {'cpu us/req':>10} {'errors':>7}")
         for t in TARGETS:
             r = rows[t]
             added50 = f"{r['added_p50_ms']:.3f}" if "added_p50_ms" in r else "-"
             added99 = f"{r['added_p99_ms']:.3f}" if "added_p99_ms" in r else "-"
             lines.append(f"  {t:<8} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {added50:>10} {added99:>10}"
-                         f" {r['rps']:>8.0f} {r['errors']:>7}")
+                         f" {r['rps']:>8.0f} {r['cpu_us_per_request']:>10.0f} {r['errors']:>7}")
+    lines.append("  (added = via - direct; cpu us/req = CPU time of that server process per request,"
+                 " the upstream's for direct)")
     ratios = summary["ratios"]
     p50 = ratios["added_p50_daemon_over_bare"]
     rps = ratios["rps32_daemon_over_bare"]
@@ -432,10 +453,11 @@ def bench(args: argparse.Namespace) -> int:
                 for conns in (1, CONCURRENCY):
                     order = TARGETS if i % 2 == 0 else tuple(reversed(TARGETS))
                     for t in order:
-                        run = load.run(t, urls[t], conns, duration)
+                        run = load.run(t, urls[t], conns, duration, srv["pids"][t])
                         runs.append(run)
                         print(f"  round {i + 1} {t:<6} c={conns:<2} p50 {run.p50_ms:.3f} ms "
-                              f"p99 {run.p99_ms:.3f} ms {run.rps:.0f} req/s", flush=True)
+                              f"p99 {run.p99_ms:.3f} ms {run.rps:.0f} req/s "
+                              f"{run.cpu_us_per_request:.0f} us cpu/req", flush=True)
             time.sleep(0.5)  # let the last usage commits land
             ledger = ledger_requests(srv["config"])
             logged = access_log_lines(srv["log"])
