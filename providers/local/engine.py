@@ -112,6 +112,9 @@ class SlotCache:
         self.slots = slots
         self.max_capacity = max_capacity
         self.capacity = min(256, max_capacity)
+        # Rows and length both grow on demand: a tier with 256 slots that serves four
+        # streams holds memory for four.
+        self.rows = min(slots, 4)
         self.device = device
         self.keys: list[Any] = []
         self.values: list[Any] = []
@@ -119,19 +122,23 @@ class SlotCache:
         self._write: Any = None  # decode: (row indices, positions); prefill: width
         self._width = 0
 
-    def ensure(self, needed: int) -> None:
-        if needed <= self.capacity:
-            return
-        new_capacity = self.capacity
+    def ensure(self, needed: int, rows: int = 0) -> None:
+        """Room for ``needed`` positions in ``rows`` slots (grows by doubling)."""
+        new_capacity, new_rows = self.capacity, self.rows
         while new_capacity < needed:
             new_capacity *= 2
+        while new_rows < rows:
+            new_rows *= 2
         new_capacity = min(new_capacity, self.max_capacity)
+        new_rows = min(new_rows, self.slots)
+        if (new_capacity, new_rows) == (self.capacity, self.rows):
+            return
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
-                new = old.new_zeros(old.shape[0], old.shape[1], new_capacity, old.shape[3])
-                new[:, :, : self.capacity] = old
+                new = old.new_zeros(new_rows, old.shape[1], new_capacity, old.shape[3])
+                new[: self.rows, :, : self.capacity] = old
                 store[i] = new
-        self.capacity = new_capacity
+        self.capacity, self.rows = new_capacity, new_rows
 
     def for_prefill(self, first_slot: int, rows: int, width: int) -> None:
         self._rows = slice(first_slot, first_slot + rows)
@@ -152,7 +159,7 @@ class SlotCache:
 
     def update(self, key: Any, value: Any, layer_idx: int, cache_kwargs: Any = None) -> tuple[Any, Any]:
         if layer_idx == len(self.keys):
-            shape = (self.slots, key.shape[1], self.capacity, key.shape[3])
+            shape = (self.rows, key.shape[1], self.capacity, key.shape[3])
             self.keys.append(key.new_zeros(shape))
             self.values.append(value.new_zeros(shape))
         k_store, v_store = self.keys[layer_idx], self.values[layer_idx]
@@ -330,7 +337,7 @@ class BatchedEngine:
         torch = self._torch
         first = len(self._running)
         width = max(len(s.prompt) for s in seqs)
-        self._cache.ensure(width + 1)
+        self._cache.ensure(width + 1, first + len(seqs))
         for i, seq in enumerate(seqs):
             seq.slot = first + i
             seq.length = len(seq.prompt)
@@ -364,7 +371,7 @@ class BatchedEngine:
         n = len(running)
         lengths = torch.tensor([s.length for s in running], device=self._device)
         width = int(max(s.length for s in running)) + 1
-        self._cache.ensure(width)
+        self._cache.ensure(width, n)
         ids = torch.tensor([[s.last_token] for s in running], device=self._device)
         keys = torch.arange(width, device=self._device)
         mask = (keys[None, :] <= lengths[:, None])[:, None, None, :]
