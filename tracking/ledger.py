@@ -78,6 +78,10 @@ _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 
 _WINDOW_WORD = {"day": "daily", "month": "monthly"}
 
+# How long a group commit gathers usage before its pipeline goes: the usage of a
+# request reaches Redis this much later at most; the client's answer is not delayed.
+GROUP_COMMIT_WINDOW_S = 0.002
+
 
 def _load_script(name: str) -> str:
     return resources.files("tracking").joinpath("lua", name).read_text(encoding="utf-8")
@@ -170,6 +174,9 @@ class Ledger:
         self._closed = True
         if self._flusher is not None:
             await self._flusher
+        for event, _ in self._pending:  # left by a cancelled group commit: keep them
+            await self._journal(event)
+        self._pending = []
         if self._reconnect_task is not None:
             self._reconnect_task.cancel()
             try:
@@ -442,6 +449,7 @@ class Ledger:
         arrive while a pipeline is in flight go in the next one."""
         try:
             while self._pending:
+                await asyncio.sleep(GROUP_COMMIT_WINDOW_S)
                 group, self._pending = self._pending, []
                 events = [event for event, _ in group]
                 try:
