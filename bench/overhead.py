@@ -386,6 +386,24 @@ def summarise(runs: list[Run]) -> dict[str, Any]:
         "added_p50_daemon_over_bare": seq["daemon"]["added_p50_ms"] / seq["bare"]["added_p50_ms"],
         "rps32_daemon_over_bare": con["daemon"]["rps"] / con["bare"]["rps"],
     }
+
+    def per_round(conns: int, target: str) -> list[Run]:
+        return [r for r in runs if r.target == target and r.connections == conns]
+
+    # The same ratios within each round (runs seconds apart), then their median: steadier
+    # than a ratio of medians when the machine's load drifts between rounds.
+    out["paired_ratios"] = {
+        "added_p50_daemon_over_bare": _median([
+            (d.p50_ms - x.p50_ms) / (b.p50_ms - x.p50_ms)
+            for x, b, d in zip(per_round(1, "direct"), per_round(1, "bare"), per_round(1, "daemon"), strict=True)
+            if b.p50_ms > x.p50_ms
+        ]),
+        "rps32_daemon_over_bare": _median([
+            d.rps / b.rps
+            for b, d in zip(per_round(CONCURRENCY, "bare"), per_round(CONCURRENCY, "daemon"), strict=True)
+            if b.rps
+        ]),
+    }
     return out
 
 
@@ -412,6 +430,9 @@ def render(summary: dict[str, Any]) -> str:
                  f"{'met' if p50 <= MAX_ADDED_P50_RATIO else 'NOT met'})")
     lines.append(f"daemon/bare req/s at {CONCURRENCY}: {rps:.2f}x (target >= {MIN_RPS_RATIO}x: "
                  f"{'met' if rps >= MIN_RPS_RATIO else 'NOT met'})")
+    paired = summary["paired_ratios"]
+    lines.append(f"the same, paired within each round then median: added p50 "
+                 f"{paired['added_p50_daemon_over_bare']:.2f}x, req/s {paired['rps32_daemon_over_bare']:.2f}x")
     return "\n".join(lines)
 
 
