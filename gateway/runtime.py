@@ -165,6 +165,10 @@ class Runtime:
             load_error = getattr(p, "load_error", None)
             if load_error:
                 info["error"] = load_error
+            engine = getattr(p, "engine", None)  # a local tier: its batch and queue
+            if engine is not None:
+                info["active"], info["waiting"] = engine.active, engine.waiting
+            info["in_flight"] = tier.health.in_flight
             tiers[name] = info
             if p.ready and state != "open" and tier.cfg.task == "chat":
                 usable = True
