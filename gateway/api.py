@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +20,7 @@ from gateway.wire import (
     EmbeddingBody,
     completion_json,
     embeddings_json,
+    loads,
 )
 from providers.errors import FatalError
 from tracking import ApiKey, LedgerUnavailableError
@@ -44,7 +44,7 @@ def _request_id(request: web.Request) -> str:
     given = request.headers.get("x-request-id", "")
     if 0 < len(given) <= 128 and given.isascii() and given.isprintable():
         return given
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def _on_unix_socket(request: web.Request) -> bool:
@@ -141,7 +141,7 @@ async def _json_body(request: web.Request, model: type[BaseModel]) -> tuple[Any,
         raise ApiError(413, f"Request body exceeds the limit of {limit} bytes.",
                        code="request_too_large") from exc
     try:
-        raw = json.loads(raw_bytes)
+        raw = loads(raw_bytes)
     except ValueError as exc:
         raise ApiError(400, f"Request body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(raw, dict):

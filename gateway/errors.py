@@ -37,5 +37,5 @@ class ApiError(Exception):
 
 def json_response(body: object, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
-        text=dumps(body), status=status, headers=headers, content_type="application/json"
+        body=dumps(body), status=status, headers=headers, content_type="application/json"
     )

@@ -248,6 +248,8 @@ class Router:
         hold_req = None
         if first is not None and self.prices.is_priced(first.name) and first.health.state != "open":
             hold_req = self._hold_request(req, first, key)
+        if hold_req is None and (key is None or not key.has_rate_limits):
+            return None  # nothing to check: no ledger call at all
         tokens = estimate_prompt_tokens(req) + (req.max_tokens or 0)
         admission = await self.ledger.admit(key=key, tokens=tokens, hold=hold_req)
         if key is not None and key.tpm is not None:

@@ -9,11 +9,11 @@ naming the parameter.
 from __future__ import annotations
 
 import base64
-import json
 import struct
 import time
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from providers.schemas import (
@@ -25,11 +25,8 @@ from providers.schemas import (
     Usage,
 )
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-
-def dumps(obj: Any) -> str:
-    return _dumps(obj)
+dumps = orjson.dumps  # compact UTF-8 JSON, as bytes
+loads = orjson.loads
 
 
 class Message(BaseModel):
@@ -166,7 +163,7 @@ def completion_json(req: ChatRequest, result: ChatResult, completion_id: str) ->
         "choices": [
             {
                 "index": c.index,
-                "message": dict(c.message),
+                "message": c.message,
                 "logprobs": c.logprobs,
                 "finish_reason": c.finish_reason,
             }
@@ -182,33 +179,31 @@ def completion_json(req: ChatRequest, result: ChatResult, completion_id: str) ->
 class ChunkWriter:
     """Serialises one stream's chunks as SSE ``data:`` events."""
 
+    DONE = b"data: [DONE]\n\n"
+
     def __init__(self, req: ChatRequest, completion_id: str) -> None:
         self.req = req
-        # The parts every chunk shares, serialised once.
+        # The parts every chunk shares, serialised once (without the closing brace).
         head = {"id": completion_id, "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": req.model}
-        self._head = _dumps(head)[:-1]  # without the closing brace
+        self._head = b"data: " + dumps(head)[:-1]
+        self._usage_null = b',"usage":null}\n\n' if req.include_usage else b"}\n\n"
 
     def chunk(self, chunk: ChatChunk) -> bytes:
         choices = [
-            {"index": c.index, "delta": dict(c.delta), "logprobs": c.logprobs,
+            {"index": c.index, "delta": c.delta, "logprobs": c.logprobs,
              "finish_reason": c.finish_reason}
             for c in chunk.choices
         ]
-        tail = ',"choices":' + _dumps(choices)
-        if self.req.include_usage:
-            tail += ',"usage":null'
-        return f"data: {self._head}{tail}}}\n\n".encode()
+        return b"".join((self._head, b',"choices":', dumps(choices), self._usage_null))
 
     def usage(self, usage: Usage) -> bytes:
-        return f"data: {self._head},\"choices\":[],\"usage\":{_dumps(usage.to_dict())}}}\n\n".encode()
+        return b"".join((self._head, b',"choices":[],"usage":', dumps(usage.to_dict()), b"}\n\n"))
 
     @staticmethod
     def error(message: str, *, code: str, type_: str = "server_error") -> bytes:
         body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
-        return f"data: {_dumps(body)}\n\n".encode()
-
-    DONE = b"data: [DONE]\n\n"
+        return b"data: " + dumps(body) + b"\n\n"
 
 
 def embeddings_json(req: EmbeddingRequest, result: EmbeddingResult) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
+import orjson
 import structlog
 
 from providers.config import TierConfig
@@ -116,8 +117,8 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
 def decode_json(raw: bytes) -> Any:
     """The JSON in ``raw``, or None when it is not JSON."""
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
         return None
 
 

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
+import orjson
 import structlog
 
 from providers.base import Capabilities
@@ -44,17 +45,9 @@ from providers.sse import iter_openai_payloads, stream_error
 log = structlog.get_logger(__name__)
 
 PROBE_TIMEOUT_S = 5.0
+JSON_HEADERS = {"Content-Type": "application/json"}
 # A tier model of "auto" or "*" sends the client's model name upstream unchanged.
 PASS_THROUGH_MODELS = frozenset({"auto", "*"})
-
-
-def to_json(value: Any) -> Any:
-    """Mappings and tuples from the frozen request types, as plain JSON values."""
-    if isinstance(value, Mapping):
-        return {k: to_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_json(v) for v in value]
-    return value
 
 
 def usage_from(raw: Any) -> Usage | None:
@@ -139,9 +132,11 @@ class OpenAICompatProvider:
 
     def chat_body(self, req: ChatRequest, *, stream: bool) -> dict[str, Any]:
         """The JSON sent upstream for ``req``."""
-        body = to_json(req.body) if req.body else body_from_fields(req)
+        # A shallow copy: the client's body is plain JSON already; only top-level keys
+        # and the messages list are replaced here, never mutated in place.
+        body = dict(req.body) if req.body else body_from_fields(req)
         body["model"] = self.upstream_model(req.model)
-        messages = to_json(req.messages) if req.messages else body.get("messages", [])
+        messages = list(req.messages) if req.messages else list(body.get("messages", []))
         if req.assistant_prefix:
             if not self.cfg.can_resume:
                 raise CapacityError("tier cannot continue an assistant message", tier=self.name)
@@ -181,7 +176,12 @@ class OpenAICompatProvider:
         if self._session is None:
             raise RetryableError("tier not started", tier=self.name)
         try:
-            async with self._session.request(method, url, json=json, timeout=timeout) as resp:
+            if json is not None:
+                data, headers = orjson.dumps(json), JSON_HEADERS
+            else:
+                data, headers = None, None
+            async with self._session.request(method, url, data=data, headers=headers,
+                                             timeout=timeout) as resp:
                 if resp.status >= 400:
                     payload = await read_error_payload(resp, tier=self.name)
                     raise self.upstream_error(resp.status, resp.headers, payload)

@@ -16,12 +16,12 @@ that ends before ``[DONE]``, cleanly or by a reset, raises
 from __future__ import annotations
 
 import codecs
-import json
 import re
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import structlog
 
 from providers.errors import ProviderError, RetryableError
@@ -164,7 +164,7 @@ async def iter_openai_payloads(
             if not data:
                 continue
             try:
-                payload = json.loads(data)
+                payload = orjson.loads(data)
             except ValueError:
                 if event.event == "error":
                     raise stream_error(data, tier=tier, secret=secret) from None

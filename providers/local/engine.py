@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -211,7 +212,8 @@ class BatchedEngine:
         self._cancelled: set[int] = set()
         self._closed = False
         self._thread: threading.Thread | None = None
-        self.steps = 0
+        self.steps = 0  # decode steps run, and their time: for benchmarks
+        self.decode_s = 0.0
 
     # --- the interface --------------------------------------------------------------
 
@@ -376,6 +378,7 @@ class BatchedEngine:
         keys = torch.arange(width, device=self._device)
         mask = (keys[None, :] <= lengths[:, None])[:, None, None, :]
         self._cache.for_decode(n, lengths, width)
+        started = time.perf_counter()
         try:
             output = self._model(
                 input_ids=ids,
@@ -394,6 +397,7 @@ class BatchedEngine:
                 status=503)))
             return
         self.steps += 1
+        self.decode_s += time.perf_counter() - started
         for seq in running:
             seq.length += 1
         picks = sample_batch(output.logits[:, -1], [s.sampler for s in running])
