@@ -11,6 +11,7 @@ import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
+import orjson
 import structlog
 
 _SECRET_KEYS = re.compile(
@@ -94,7 +95,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
         redact_secrets,
     ]
     renderer: Any = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=_json_line)
         if as_json
         else structlog.dev.ConsoleRenderer(colors=_isatty(stream))
     )
@@ -103,7 +104,9 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
-        cache_logger_on_first_use=False,
+        # Loggers are module-level proxies: cache the bound logger on first use, so the
+        # hot path (one access line per request) does not rebuild it on every call.
+        cache_logger_on_first_use=True,
     )
     # Libraries that use stdlib logging (aiohttp, transformers) go through the same
     # redaction and rendering.
@@ -127,6 +130,10 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
     root.setLevel(max(numeric, logging.INFO) if numeric < logging.INFO else numeric)
     # aiohttp's own access log is replaced by ours.
     logging.getLogger("aiohttp.access").disabled = True
+
+
+def _json_line(obj: Any, **_kw: Any) -> str:
+    return orjson.dumps(obj, default=repr).decode()
 
 
 def _isatty(stream: Any) -> bool:

@@ -1,0 +1,47 @@
+"""Logs are JSON lines off a TTY, and no secret reaches a line, whoever logged it."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import structlog
+
+from gateway.logging import REDACTED, configure_logging, redact_secrets
+
+
+def test_secret_keys_and_tokens_in_text_are_redacted():
+    event = redact_secrets(None, "info", {
+        "event": "upstream_failed",
+        "authorization": "Bearer sk-live-abcdef123456",
+        "api_key": "hf_abcdefghijklmnop",
+        "headers": {"Authorization": "Bearer xyz123456789", "Accept": "application/json"},
+        "reason": "401 for key sk-proj-abcdefghijklmnopqrstuvwxyz",
+        "detail": "sent Bearer abcdef1234567890 upstream",
+        "tokens": 12,
+        "key": "alice",
+    })
+    assert event["authorization"] == REDACTED
+    assert event["api_key"] == REDACTED
+    assert event["headers"]["Authorization"] == REDACTED
+    assert event["headers"]["Accept"] == "application/json"
+    assert "sk-proj" not in event["reason"] and REDACTED in event["reason"]
+    assert "abcdef1234567890" not in event["detail"]
+    assert event["tokens"] == 12 and event["key"] == "alice"
+
+
+def test_json_lines_off_a_tty_for_structlog_and_stdlib_loggers():
+    stream = io.StringIO()
+    configure_logging("info", "auto", stream=stream)
+    try:
+        structlog.get_logger("t").info("tier_failed", tier="a", authorization="Bearer sk-secret-000000")
+        logging.getLogger("some.library").warning("token hf_secretsecretsecret leaked?")
+    finally:
+        configure_logging("info", "console")
+    lines = [json.loads(ln) for ln in stream.getvalue().splitlines()]
+    assert lines[0]["event"] == "tier_failed" and lines[0]["level"] == "info"
+    assert lines[0]["authorization"] == REDACTED
+    assert "timestamp" in lines[0]
+    assert "hf_secretsecretsecret" not in lines[1]["event"]
+    assert "sk-secret" not in stream.getvalue()
