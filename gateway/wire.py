@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import struct
 import time
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import orjson
@@ -206,11 +207,21 @@ class ChunkWriter:
         return b"data: " + dumps(body) + b"\n\n"
 
 
+def vector_to_base64(vector: Sequence[float]) -> str:
+    """OpenAI's ``encoding_format = "base64"``: little-endian float32 bytes, base64."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+def vector_from_base64(text: str) -> list[float]:
+    raw = base64.b64decode(text)
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+
+
 def embeddings_json(req: EmbeddingRequest, result: EmbeddingResult) -> dict[str, Any]:
     data = []
     for i, vec in enumerate(result.vectors):
         if req.encoding_format == "base64":
-            emb: Any = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+            emb: Any = vector_to_base64(vec)
         else:
             emb = list(vec)
         data.append({"object": "embedding", "index": i, "embedding": emb})

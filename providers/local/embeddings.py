@@ -4,16 +4,13 @@ Same lifecycle as the chat tier (``start`` loads on a thread; ``ready``, ``load_
 ``CapacityError`` before ready). Encoding runs on one worker thread, in batches.
 
 ``EmbeddingResult.vectors`` are floats; ``encoding_format = "base64"`` is the wire's
-business: ``vector_to_base64`` gives OpenAI's encoding (little-endian float32 bytes)
-for the gateway to send. ``dimensions`` is accepted only when it equals the model's own
+business (``gateway.wire.vector_to_base64``). ``dimensions`` is accepted only when it equals the model's own
 size (this model was not trained to be truncated); anything else is a clear 400.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import struct
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -36,16 +33,6 @@ from providers.schemas import (
 log = structlog.get_logger(__name__)
 
 _BATCH = 32
-
-
-def vector_to_base64(vector: Sequence[float]) -> str:
-    """OpenAI's ``encoding_format = "base64"``: little-endian float32, base64."""
-    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
-
-
-def vector_from_base64(text: str) -> list[float]:
-    raw = base64.b64decode(text)
-    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
 
 
 class LocalEmbeddingProvider:

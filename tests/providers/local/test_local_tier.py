@@ -22,11 +22,8 @@ from providers.errors import CapacityError, FatalError  # noqa: E402
 from providers.local import build_local_provider  # noqa: E402
 from providers.local.chat import LocalChatProvider  # noqa: E402
 from providers.local.detok import IncrementalDetokenizer  # noqa: E402
-from providers.local.embeddings import (  # noqa: E402
-    LocalEmbeddingProvider,
-    vector_from_base64,
-    vector_to_base64,
-)
+from gateway.wire import vector_from_base64, vector_to_base64  # noqa: E402
+from providers.local.embeddings import LocalEmbeddingProvider  # noqa: E402
 from providers.local.prompt import PromptBuilder  # noqa: E402
 from providers.schemas import ChatRequest, EmbeddingRequest  # noqa: E402
 

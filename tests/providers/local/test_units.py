@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from providers.local.detok import StopMatcher
-from providers.local.embeddings import vector_from_base64, vector_to_base64
+from gateway.wire import vector_from_base64, vector_to_base64
 from providers.local.resolve import (
     ModelSpecError,
     cpu_has_native_bf16,
