@@ -25,7 +25,7 @@ from gateway.wire import (
 from providers.errors import FatalError
 from tracking import ApiKey, LedgerUnavailableError
 
-log = structlog.get_logger("gateway.access")
+log = structlog.get_logger(__name__)
 
 RUNTIME = web.AppKey("runtime", Runtime)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -95,7 +95,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     if rt.config.server.access_log:
         usage = request.get(USAGE)
         key: ApiKey | None = request.get(KEY)
-        log.info(
+        rt.access_log.info(
             "request",
             request_id=rid,
             method=request.method,

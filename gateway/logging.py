@@ -132,6 +132,46 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
     logging.getLogger("aiohttp.access").disabled = True
 
 
+def _scrub_access(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """The access line's fields are the server's own; only the client-chosen text
+    (request id, path) could carry a secret."""
+    for k in ("request_id", "path"):
+        v = event_dict.get(k)
+        if v:
+            event_dict[k] = _scrub_text(v)
+    return event_dict
+
+
+def make_access_logger(level: str = "info", fmt: str = "auto", stream: Any = None) -> Any:
+    """The logger for the one-line-per-request access log.
+
+    Off a TTY it is a short structlog pipeline rendering JSON bytes straight to the
+    stream's buffer: the access line is on every request's path, so it skips the
+    general pipeline's context merging, stack and exception rendering and the
+    recursive redaction (its fields are known). On a TTY it is the ordinary logger.
+    """
+    stream = stream or sys.stderr
+    as_json = fmt == "json" or (fmt == "auto" and not _isatty(stream))
+    raw = getattr(stream, "buffer", None)
+    if not as_json or raw is None:
+        return structlog.get_logger("gateway.access")
+    return structlog.wrap_logger(
+        structlog.BytesLogger(raw),
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _scrub_access,
+            structlog.processors.JSONRenderer(serializer=orjson.dumps),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            getattr(logging, level.upper(), logging.INFO)
+        ),
+        cache_logger_on_first_use=True,
+    )
+
+
 def _json_line(obj: Any, **_kw: Any) -> str:
     return orjson.dumps(obj, default=repr).decode()
 

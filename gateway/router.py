@@ -155,6 +155,10 @@ class Router:
         self.ledger = ledger
         self.prices = prices
         self.background = background
+        self._priced = frozenset(t.name for t in tiers if prices.is_priced(t.name))
+
+    def _is_priced(self, tier: Tier) -> bool:
+        return tier.name in self._priced
 
     # -- choosing -------------------------------------------------------------------
 
@@ -202,14 +206,15 @@ class Router:
 
     def view(self, t: Tier) -> TierView:
         h = t.health
+        circuit_open = h.state == "open"
         return TierView(
             name=t.name,
             kind=t.cfg.kind,
             position=t.position,
             price_input=t.cfg.price.input,
             price_output=t.cfg.price.output,
-            healthy=t.provider.ready and h.state != "open",
-            circuit_open=h.state == "open",
+            healthy=t.provider.ready and not circuit_open,
+            circuit_open=circuit_open,
             ttft_ewma_s=h.ttft_ewma_s,
             tpot_ewma_s=h.tpot_ewma_s,
             in_flight=h.in_flight,
@@ -233,7 +238,7 @@ class Router:
 
     def _bounded(self, req: ChatRequest, tier: Tier) -> ChatRequest:
         """A priced tier never runs without an output cap: the hold assumed one."""
-        if req.max_tokens is not None or not self.prices.is_priced(tier.name):
+        if req.max_tokens is not None or not self._is_priced(tier):
             return req
         cap = tier.cfg.max_output_tokens
         body = dict(req.body)
@@ -246,7 +251,7 @@ class Router:
         """Rate limits and the first priced tier's hold, in one ledger round trip."""
         first = ranked[0] if ranked else None
         hold_req = None
-        if first is not None and self.prices.is_priced(first.name) and first.health.state != "open":
+        if first is not None and self._is_priced(first) and first.health.state != "open":
             hold_req = self._hold_request(req, first, key)
         if hold_req is None and (key is None or not key.has_rate_limits):
             return None  # nothing to check: no ledger call at all
@@ -275,7 +280,7 @@ class Router:
         first_outcome: Hold | Refusal | None,
         is_first: bool,
     ) -> Hold | Refusal | None:
-        if not self.prices.is_priced(tier.name):
+        if not self._is_priced(tier):
             return None
         if is_first and first_outcome is not None:
             return first_outcome

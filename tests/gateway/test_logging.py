@@ -45,3 +45,24 @@ def test_json_lines_off_a_tty_for_structlog_and_stdlib_loggers():
     assert "timestamp" in lines[0]
     assert "hf_secretsecretsecret" not in lines[1]["event"]
     assert "sk-secret" not in stream.getvalue()
+
+
+def test_access_logger_writes_json_bytes_and_scrubs_client_text():
+    from gateway.logging import make_access_logger
+
+    class Stream(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.buffer = io.BytesIO()
+
+    stream = Stream()
+    log = make_access_logger("info", "auto", stream=stream)
+    log.info("request", request_id="Bearer abcdefghijkl0123", path="/v1/x/sk-abcdefghijklmnop",
+             status=200, tier="local", latency_ms=1.5)
+    line = json.loads(stream.buffer.getvalue().decode())
+    assert line["event"] == "request" and line["status"] == 200 and line["level"] == "info"
+    assert "abcdefghijkl0123" not in line["request_id"]
+    assert "sk-abcdefghijklmnop" not in line["path"]
+    quiet = make_access_logger("warning", "json", stream=stream)
+    quiet.info("request", status=200)
+    assert stream.buffer.getvalue().count(b"\n") == 1
