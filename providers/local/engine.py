@@ -12,7 +12,8 @@ to honour it. ``BatchedEngine`` is the default (``engine = "continuous"``):
   single forward over the whole batch (per-row positions, a padding mask per row);
 - the model is the transformers model itself, driven through its public forward with a
   4D mask, explicit positions and the slot cache, so any architecture with standard
-  attention works;
+  attention works; Llama-architecture models take ``LlamaFastPath`` instead (the same
+  weights, products shaped for a few rows; ``fastpath.py``);
 - sampling is per sequence (``sampling.py``); tokens go to the asyncio side with one
   ``loop.call_soon_threadsafe`` per step;
 - cancellation removes a sequence between steps and frees its slot; out-of-memory in a
@@ -191,8 +192,11 @@ class BatchedEngine:
         max_queue: int = 64,
         name: str = "local",
         prefill_token_budget: int = 4096,
+        fast_path: bool = True,
     ) -> None:
         import torch
+
+        from providers.local.fastpath import LlamaFastPath
 
         self._torch = torch
         self._model = model
@@ -204,6 +208,8 @@ class BatchedEngine:
         self._max_queue = max_queue
         self._name = name
         self._prefill_budget = prefill_token_budget
+        # The fast forward for Llama-architecture models; the generic one otherwise.
+        self._fast = LlamaFastPath(model) if fast_path and LlamaFastPath.supports(model) else None
         self._cache = SlotCache(max_batch, max_context, self._device)
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
@@ -353,16 +359,20 @@ class BatchedEngine:
         mask = causal[None, None] & (pos[None, None, None, :] < lengths[:, None, None, None])
         self._cache.for_prefill(first, len(seqs), width)
         keep = lengths - 1
-        output = self._model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos[None, :].expand(len(seqs), width),
-            past_key_values=self._cache,
-            use_cache=True,
-            logits_to_keep=keep,
-        )
-        rows = torch.arange(len(seqs), device=self._device)
-        logits = output.logits[rows, rows]  # each row's own last prompt position
+        positions = pos[None, :].expand(len(seqs), width)
+        if self._fast is not None:
+            logits = self._fast.forward(ids, positions, mask, self._cache, keep)
+        else:
+            output = self._model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=self._cache,
+                use_cache=True,
+                logits_to_keep=keep,
+            )
+            rows = torch.arange(len(seqs), device=self._device)
+            logits = output.logits[rows, rows]  # each row's own last prompt position
         for seq in seqs:
             seq.sampler = SequenceSampler(seq.params, self._vocab, self._device)
         self._advance(seqs, sample_batch(logits, [s.sampler for s in seqs]), out)
@@ -380,13 +390,17 @@ class BatchedEngine:
         self._cache.for_decode(n, lengths, width)
         started = time.perf_counter()
         try:
-            output = self._model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=lengths[:, None],
-                past_key_values=self._cache,
-                use_cache=True,
-            )
+            if self._fast is not None:
+                logits = self._fast.forward(ids, lengths[:, None], mask, self._cache,
+                                             torch.zeros_like(lengths))
+            else:
+                logits = self._model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=lengths[:, None],
+                    past_key_values=self._cache,
+                    use_cache=True,
+                ).logits[:, -1]
         except torch.OutOfMemoryError:
             self._free_memory()
             victim = running[-1]
@@ -400,7 +414,7 @@ class BatchedEngine:
         self.decode_s += time.perf_counter() - started
         for seq in running:
             seq.length += 1
-        picks = sample_batch(output.logits[:, -1], [s.sampler for s in running])
+        picks = sample_batch(logits, [s.sampler for s in running])
         self._advance(list(running), picks, out)
 
     def _advance(self, seqs: list[_Sequence], picks: list[int], out: dict) -> None:

@@ -189,6 +189,55 @@ async def test_sixteen_concurrent_streams_complete_with_exact_usage(chat: LocalC
     await _wait_idle(chat)
 
 
+async def test_fast_path_decodes_what_the_generic_forward_does(chat: LocalChatProvider) -> None:
+    """The Llama fast path and the transformers forward pick the same greedy tokens, for
+    prompts of different lengths (a padded prefill) and one that joins mid-decode."""
+    from providers.local.engine import BatchedEngine, EngineEvent
+    from providers.local.sampling import SamplingParams
+
+    loaded = chat._loaded
+    texts = ["What is the capital of France?", "Name three colours.",
+             "Write a long story about a dragon who loves tea and hates the rain.",
+             "Count from 1 to 10."]
+    prompts = [chat._prompt_ids(_request(messages=({"role": "user", "content": t},)), False)
+               for t in texts]
+    loop = asyncio.get_running_loop()
+
+    async def decode(fast: bool) -> list[list[int]]:
+        engine = BatchedEngine(loaded.model, eos_token_ids=frozenset(), max_context=512,
+                               max_batch=4, fast_path=fast)
+        assert (engine._fast is not None) == fast
+        tokens: list[list[int]] = [[] for _ in prompts]
+        done = [asyncio.Event() for _ in prompts]
+        started = asyncio.Event()
+
+        def sink(i: int):  # type: ignore[no-untyped-def]
+            def put(event: EngineEvent) -> None:
+                tokens[i].extend(event.token_ids)
+                if len(tokens[0]) >= 5:
+                    started.set()
+                if event.finish_reason or event.error:
+                    done[i].set()
+            return put
+
+        engine.start()
+        try:
+            params = SamplingParams(max_new_tokens=24, temperature=0.0)
+            for i in range(3):
+                engine.submit(prompts[i], params, sink(i), loop)
+            await started.wait()
+            engine.submit(prompts[3], params, sink(3), loop)
+            for event in done:
+                await asyncio.wait_for(event.wait(), 60)
+        finally:
+            await asyncio.to_thread(engine.close)
+        return tokens
+
+    fast, generic = await decode(True), await decode(False)
+    assert all(len(t) == 24 for t in fast)
+    assert fast == generic
+
+
 async def test_closing_a_stream_frees_its_slot(chat: LocalChatProvider) -> None:
     stream = chat.stream(_request(
         messages=({"role": "user", "content": "Write a long story about a dragon."},),
