@@ -10,8 +10,8 @@ the step is bound by how the matrix products are shaped and by per-op overhead:
   faster than ``F.linear``'s ``x @ W.T`` here (the 49152 x 576 lm_head at 16 rows:
   29 -> 16 ms), and it reads ``W`` in place;
 - logits only at the positions that are sampled;
-- grouped-query attention without ``repeat_kv``: the query heads that share a key/value
-  head are folded into the query length, so the slot cache is read in place;
+- grouped-query attention without ``repeat_kv`` (``enable_gqa``: the flash kernel reads
+  the slot cache in place), 183 -> 105 us a layer at 16 rows;
 - rotary cos/sin once per forward, from the model's own rotary module (any rope scaling).
 
 Numerics are those of the transformers forward up to float rounding.
@@ -43,7 +43,7 @@ def _linear(x: Any, weight: Any) -> Any:
     import torch
 
     if x.shape[0] < _SKINNY_ROWS:
-        return torch.mm(weight, x.t()).t()
+        return torch.mm(weight, x.t()).t()  # column-major: fine for elementwise ops
     return torch.mm(x, weight.t())
 
 
@@ -104,26 +104,23 @@ class LlamaFastPath:
         rows, seq = ids.shape
         tokens = rows * seq
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
-        group = heads // kv_heads
+        gqa = heads != kv_heads
         hidden = F.embedding(ids, self.embed).reshape(tokens, -1)
         width = hidden.shape[1]
         cos, sin = self.rotary(hidden, positions)  # [rows, s, head_dim]
         cos, sin = cos[:, None], sin[:, None]
-        if group > 1 and seq > 1:
-            mask = mask.repeat(1, 1, group, 1)  # the folded query is group-major
         for index, layer in enumerate(self.layers):
             x = F.rms_norm(hidden, (width,), layer.ln_attn, self.eps)
-            q = _linear(x, layer.q).reshape(rows, seq, heads, head_dim).transpose(1, 2)
-            k = _linear(x, layer.k).reshape(rows, seq, kv_heads, head_dim).transpose(1, 2)
-            v = _linear(x, layer.v).reshape(rows, seq, kv_heads, head_dim).transpose(1, 2)
+            # Row-major q, k, v: the flash attention kernel wants a unit last stride.
+            q = _linear(x, layer.q).contiguous().view(rows, seq, heads, head_dim).transpose(1, 2)
+            k = _linear(x, layer.k).contiguous().view(rows, seq, kv_heads, head_dim).transpose(1, 2)
+            v = _linear(x, layer.v).contiguous().view(rows, seq, kv_heads, head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             keys, values = cache.update(k, v, index)
-            # Query heads h*group .. h*group+group-1 share key/value head h (repeat_kv's
-            # order): fold them into the query length.
-            q = q.reshape(rows, kv_heads, group * seq, head_dim)
-            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
-            a = a.reshape(rows, heads, seq, head_dim).transpose(1, 2).reshape(tokens, heads * head_dim)
+            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=gqa)
+            a = a.transpose(1, 2).reshape(tokens, heads * head_dim)
             hidden = hidden + _linear(a, layer.o)
             x = F.rms_norm(hidden, (width,), layer.ln_mlp, self.eps)
             hidden = hidden + _linear(F.silu(_linear(x, layer.gate)) * _linear(x, layer.up), layer.down)
