@@ -48,6 +48,17 @@ class Journal:
             self._writer = asyncio.create_task(self._write_pending())
         await done
 
+    async def append_many(self, events: Sequence[UsageEvent]) -> None:
+        """Return once every one of ``events`` is on disk (one write, one fsync)."""
+        if not events:
+            return
+        lines = "".join(json.dumps(e.to_json(), separators=(",", ":")) + "\n" for e in events)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((lines, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_pending())
+        await done
+
     async def _write_pending(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []

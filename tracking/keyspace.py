@@ -45,12 +45,23 @@ _TAG: dict[WindowKind, str] = {"day": "d", "month": "m"}
 DAY_S = 86_400
 
 
+@lru_cache(maxsize=16)
+def calendar_of_day(day_number: int) -> tuple[str, str]:
+    """(``YYYY-MM-DD``, ``YYYY-MM``) of UTC day ``day_number`` (unix seconds // 86400).
+
+    Unix time has no leap seconds, so every UTC day starts at a multiple of 86400:
+    events are dated by an integer division and this cache, not a datetime each.
+    """
+    start = datetime.fromtimestamp(day_number * DAY_S, UTC)
+    return start.strftime("%Y-%m-%d"), start.strftime("%Y-%m")
+
+
 def day_of(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+    return calendar_of_day(int(ts // DAY_S))[0]
 
 
 def month_of(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m")
+    return calendar_of_day(int(ts // DAY_S))[1]
 
 
 @lru_cache(maxsize=64)
