@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -297,21 +296,27 @@ class Router:
         *,
         error: bool = False,
     ) -> None:
+        cost = 0
+        if self._is_priced(tier):
+            cost = self.prices.cost_micros(
+                tier.name, tier.cfg.model, usage.prompt_tokens, usage.completion_tokens
+            )
         event = UsageEvent(
-            id=uuid.uuid4().hex,
             tier=tier.name,
             model=req.model,
             key=key.name if key else None,
             prompt_tokens=usage.prompt_tokens,
             completion_tokens=usage.completion_tokens,
-            cost_micros=self.prices.cost_micros(
-                tier.name, tier.cfg.model, usage.prompt_tokens, usage.completion_tokens
-            ),
+            cost_micros=cost,
             error=error,
-            ts=time.time(),
             admitted_tokens=trail.take_admitted(),
         )
-        self.background.spawn(self.ledger.commit(hold, event), name="ledger_commit")
+        if hold is not None and hold.budgets:
+            # Money is held in Redis: settle it now, in one round trip.
+            self.background.spawn(self.ledger.commit(hold, event), name="ledger_commit")
+        else:
+            # Batched with other usage into one script call every few ms; no task here.
+            self.ledger.record(event)
 
     def _release(self, hold: Hold | None) -> None:
         if hold is not None:

@@ -85,6 +85,7 @@ async def test_usage_cli_reads_the_shared_ledger(make_daemon, tmp_path):
             async with d.post("/v1/chat/completions", json=CHAT) as r:
                 assert r.status == 200
         await d.server.runtime.background.drain(5)
+        await d.server.runtime.ledger.flush()
         cfg = tmp_path / "cli.toml"
         cfg.write_text(d.toml)
         table = await asyncio.to_thread(tiergate, "usage", "--config", str(cfg))
