@@ -11,6 +11,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from gateway.accesslog import ACCESS_LOG, ATTEMPTS, KEY, REQUEST_ID, TIER, USAGE
 from gateway.errors import ApiError, json_response
 from gateway.router import RoutingError, StreamBroken
 from gateway.runtime import Runtime
@@ -30,12 +31,7 @@ log = structlog.get_logger(__name__)
 RUNTIME = web.AppKey("runtime", Runtime)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Set by the edge and the handlers, read by the access log.
-REQUEST_ID = web.RequestKey("request_id", str)
-KEY = web.RequestKey("key", object)
-TIER = web.RequestKey("tier", str)
-ATTEMPTS = web.RequestKey("attempts", int)
-USAGE = web.RequestKey("usage", object)
+
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
@@ -74,40 +70,19 @@ def _authenticate(request: web.Request, rt: Runtime) -> ApiKey | None:
 
 @web.middleware
 async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id, authentication, OpenAI-style errors, and one access-log line."""
-    started = time.perf_counter()
+    """Request id, authentication and OpenAI-style errors. The access line is written
+    by ``gateway.accesslog`` once the response is sent."""
     rid = _request_id(request)
     request[REQUEST_ID] = rid
-    rt = request.app[RUNTIME]
-    status = 500
     try:
         if request.path not in OPEN_PATHS:
-            request[KEY] = _authenticate(request, rt)
+            request[KEY] = _authenticate(request, request.app[RUNTIME])
         resp = await handler(request)
-        status = resp.status
     except ApiError as exc:
         resp = exc.response()
-        status = exc.status
     except web.HTTPException as exc:
-        status = exc.status
         resp = _http_exception(exc)
     resp.headers["x-request-id"] = rid
-    if rt.config.server.access_log:
-        usage = request.get(USAGE)
-        key: ApiKey | None = request.get(KEY)
-        rt.access_log.info(
-            "request",
-            request_id=rid,
-            method=request.method,
-            path=request.path,
-            status=status,
-            tier=request.get(TIER),
-            attempts=request.get(ATTEMPTS),
-            latency_ms=round((time.perf_counter() - started) * 1000, 2),
-            prompt_tokens=usage.prompt_tokens if usage else None,
-            completion_tokens=usage.completion_tokens if usage else None,
-            key=key.name if key else None,
-        )
     return resp
 
 
@@ -281,6 +256,7 @@ async def admin_usage(request: web.Request) -> web.StreamResponse:
 def build_app(rt: Runtime) -> web.Application:
     app = web.Application(middlewares=[edge], client_max_size=rt.config.server.max_body_bytes)
     app[RUNTIME] = rt
+    app[ACCESS_LOG] = rt.access_log
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", list_models)

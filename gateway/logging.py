@@ -31,7 +31,7 @@ _MIN_SECRET_TEXT = 11
 _PLAIN = frozenset({int, float, bool, type(None)})
 
 
-def _scrub_text(value: str) -> str:
+def scrub_text(value: str) -> str:
     if len(value) < _MIN_SECRET_TEXT:
         return value
     return _SECRET_TEXT.sub(lambda m: (m.group(1) or "") + REDACTED, value)
@@ -41,7 +41,7 @@ def _scrub(value: Any, depth: int = 0) -> Any:
     if type(value) in _PLAIN or depth > 4:
         return value
     if isinstance(value, str):
-        return _scrub_text(value)
+        return scrub_text(value)
     if isinstance(value, Mapping):
         return {
             k: (REDACTED if isinstance(k, str) and _SECRET_KEYS.search(k) else _scrub(v, depth + 1))
@@ -85,7 +85,7 @@ def redact_secrets(
 def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     """Set up structlog (and the stdlib root logger it feeds) once, at start or reload."""
     stream = stream or sys.stderr
-    as_json = fmt == "json" or (fmt == "auto" and not _isatty(stream))
+    as_json = fmt == "json" or (fmt == "auto" and not isatty(stream))
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -97,7 +97,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
     renderer: Any = (
         structlog.processors.JSONRenderer(serializer=_json_line)
         if as_json
-        else structlog.dev.ConsoleRenderer(colors=_isatty(stream))
+        else structlog.dev.ConsoleRenderer(colors=isatty(stream))
     )
     numeric = getattr(logging, level.upper(), logging.INFO)
     structlog.configure(
@@ -132,51 +132,11 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
     logging.getLogger("aiohttp.access").disabled = True
 
 
-def _scrub_access(
-    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    """The access line's fields are the server's own; only the client-chosen text
-    (request id, path) could carry a secret."""
-    for k in ("request_id", "path"):
-        v = event_dict.get(k)
-        if v:
-            event_dict[k] = _scrub_text(v)
-    return event_dict
-
-
-def make_access_logger(level: str = "info", fmt: str = "auto", stream: Any = None) -> Any:
-    """The logger for the one-line-per-request access log.
-
-    Off a TTY it is a short structlog pipeline rendering JSON bytes straight to the
-    stream's buffer: the access line is on every request's path, so it skips the
-    general pipeline's context merging, stack and exception rendering and the
-    recursive redaction (its fields are known). On a TTY it is the ordinary logger.
-    """
-    stream = stream or sys.stderr
-    as_json = fmt == "json" or (fmt == "auto" and not _isatty(stream))
-    raw = getattr(stream, "buffer", None)
-    if not as_json or raw is None:
-        return structlog.get_logger("gateway.access")
-    return structlog.wrap_logger(
-        structlog.BytesLogger(raw),
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _scrub_access,
-            structlog.processors.JSONRenderer(serializer=orjson.dumps),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            getattr(logging, level.upper(), logging.INFO)
-        ),
-        cache_logger_on_first_use=True,
-    )
-
-
 def _json_line(obj: Any, **_kw: Any) -> str:
     return orjson.dumps(obj, default=repr).decode()
 
 
-def _isatty(stream: Any) -> bool:
+def isatty(stream: Any) -> bool:
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError):

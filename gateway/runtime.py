@@ -17,7 +17,7 @@ import structlog
 
 from gateway.config import Config
 from gateway.health import TierHealth
-from gateway.logging import make_access_logger
+from gateway.accesslog import AccessLog
 from gateway.router import Router, Tier
 from gateway.tasks import BackgroundTasks
 from policies import FileOrder, Policy
@@ -70,7 +70,7 @@ class Runtime:
         self.environ = dict(os.environ if environ is None else environ)
         self.started_at = time.time()
         self.background = BackgroundTasks()
-        self.access_log = make_access_logger(config.logging.level, config.logging.format)
+        self.access_log = AccessLog(config.logging.level, config.logging.format)
         self.keys = KeyStore(config.keys)
         self.prices = price_table(config.tiers)
         self.state_dir = state_dir(config, self.environ)
@@ -155,6 +155,7 @@ class Runtime:
             except Exception as exc:  # one tier failing to close must not stop the rest
                 log.error("tier_close_failed", tier=name, error=repr(exc))
         await self.ledger.aclose()
+        self.access_log.flush()
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
         tiers: dict[str, object] = {}

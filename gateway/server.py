@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
+from gateway.accesslog import AccessLogger
 from gateway.api import build_app
 from gateway.config import Config
 from gateway.runtime import Runtime
@@ -99,7 +101,10 @@ class Server:
         self.runner = web.AppRunner(
             app,
             handler_cancellation=True,
-            access_log=None,
+            # Our AccessLogger writes the line once the response is sent; aiohttp wants
+            # a stdlib logger here to switch it on, and never uses it.
+            access_log_class=AccessLogger,
+            access_log=logging.getLogger("tiergate.access") if self.config.server.access_log else None,
             shutdown_timeout=self.config.server.drain_timeout_s,
         )
         await self.runner.setup()

@@ -47,22 +47,30 @@ def test_json_lines_off_a_tty_for_structlog_and_stdlib_loggers():
     assert "sk-secret" not in stream.getvalue()
 
 
-def test_access_logger_writes_json_bytes_and_scrubs_client_text():
-    from gateway.logging import make_access_logger
+async def test_access_lines_are_json_buffered_briefly_and_scrubbed():
+    import asyncio
+
+    from gateway.accesslog import AccessLog
 
     class Stream(io.StringIO):
         def __init__(self) -> None:
             super().__init__()
-            self.buffer = io.BytesIO()
+            self.buffer = io.BufferedWriter(io.BytesIO(), buffer_size=1 << 16)
+
+        def written(self) -> bytes:
+            return self.buffer.raw.getvalue()
 
     stream = Stream()
-    log = make_access_logger("info", "auto", stream=stream)
-    log.info("request", request_id="Bearer abcdefghijkl0123", path="/v1/x/sk-abcdefghijklmnop",
-             status=200, tier="local", latency_ms=1.5)
-    line = json.loads(stream.buffer.getvalue().decode())
+    access = AccessLog("info", "auto", stream=stream, flush_s=0.05)
+    access.logger.info("request", request_id="Bearer abcdefghijkl0123",
+                       path="/v1/x/sk-abcdefghijklmnop", status=200, tier="local", latency_ms=1.5)
+    assert stream.written() == b""  # buffered, not one write per line
+    await asyncio.sleep(0.2)  # the flush timer
+    line = json.loads(stream.written().decode())
     assert line["event"] == "request" and line["status"] == 200 and line["level"] == "info"
     assert "abcdefghijkl0123" not in line["request_id"]
     assert "sk-abcdefghijklmnop" not in line["path"]
-    quiet = make_access_logger("warning", "json", stream=stream)
-    quiet.info("request", status=200)
-    assert stream.buffer.getvalue().count(b"\n") == 1
+    quiet = AccessLog("warning", "json", stream=stream)
+    quiet.logger.info("request", status=200)
+    quiet.flush()
+    assert stream.written().count(b"\n") == 1
