@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -24,12 +26,21 @@ from gateway.logging import isatty, scrub_text
 
 FLUSH_S = 0.05
 
-# What the edge and the handlers note on each request, for its access line.
-REQUEST_ID = web.RequestKey("tiergate_request_id", str)
-KEY = web.RequestKey("tiergate_key", object)
-TIER = web.RequestKey("tiergate_tier", str)
-ATTEMPTS = web.RequestKey("tiergate_attempts", int)
-USAGE = web.RequestKey("tiergate_usage", object)
+
+
+@dataclass(slots=True)
+class Note:
+    """What the edge and the handlers note about one request, for its access line."""
+
+    request_id: str
+    client_chose_id: bool = False  # the id came from the client's x-request-id
+    key: Any = None  # tracking.ApiKey
+    tier: str | None = None
+    attempts: int | None = None
+    usage: Any = None  # providers.schemas.Usage
+
+
+NOTE = web.RequestKey("tiergate_note", Note)
 
 
 class _BufferedLines:
@@ -63,16 +74,21 @@ class _BufferedLines:
             print(f"access log flush failed: {exc!r}", file=sys.stderr)
 
 
-def _scrub_client_text(
-    _logger: Any, _method: str, event_dict: dict[str, Any]
-) -> dict[str, Any]:
-    """The fields are the server's own; only client-chosen text (request id, path)
-    could carry a secret."""
-    for k in ("request_id", "path"):
-        v = event_dict.get(k)
-        if v:
-            event_dict[k] = scrub_text(v)
-    return event_dict
+class _Clock:
+    """ISO-8601 UTC timestamps like structlog's TimeStamper, the date-time part
+    formatted once per second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def now(self) -> str:
+        t = time.time()
+        second = int(t)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((t - second) * 1_000_000):06d}Z"
 
 
 class AccessLog:
@@ -84,18 +100,16 @@ class AccessLog:
         as_json = fmt == "json" or (fmt == "auto" and not isatty(stream))
         raw = getattr(stream, "buffer", None)
         self._lines: _BufferedLines | None = None
+        self._clock = _Clock()
         if not as_json or raw is None:
             self.logger: Any = structlog.get_logger("gateway.access")
             return
         self._lines = _BufferedLines(raw, flush_s)
+        # The line's fields are the server's own or scrubbed below, and its level and
+        # time are set here: the pipeline only renders (this runs once per request).
         self.logger = structlog.wrap_logger(
             self._lines,
-            processors=[
-                structlog.processors.add_log_level,
-                structlog.processors.TimeStamper(fmt="iso", utc=True),
-                _scrub_client_text,
-                structlog.processors.JSONRenderer(serializer=orjson.dumps),
-            ],
+            processors=[structlog.processors.JSONRenderer(serializer=orjson.dumps)],
             wrapper_class=structlog.make_filtering_bound_logger(
                 getattr(logging, level.upper(), logging.INFO)
             ),
@@ -103,16 +117,23 @@ class AccessLog:
         )
 
     def request(self, request: BaseRequest, response: StreamResponse, seconds: float) -> None:
-        usage = request.get(USAGE)
-        key = request.get(KEY)
+        note = request.get(NOTE)
+        if note is None:
+            return
+        usage, key = note.usage, note.key
+        path = request.path
+        if response.status == 404:  # not one of our routes: the client chose the text
+            path = scrub_text(path)
         self.logger.info(
             "request",
-            request_id=request.get(REQUEST_ID),
+            level="info",
+            timestamp=self._clock.now(),
+            request_id=scrub_text(note.request_id) if note.client_chose_id else note.request_id,
             method=request.method,
-            path=request.path,
+            path=path,
             status=response.status,
-            tier=request.get(TIER),
-            attempts=request.get(ATTEMPTS),
+            tier=note.tier,
+            attempts=note.attempts,
             latency_ms=round(seconds * 1000, 2),
             prompt_tokens=usage.prompt_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None,

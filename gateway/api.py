@@ -1,4 +1,4 @@
-"""HTTP handlers and the edge middleware: the OpenAI-compatible surface of the daemon."""
+"""HTTP handlers and the edge around them: the OpenAI-compatible surface of the daemon."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from gateway.accesslog import ACCESS_LOG, ATTEMPTS, KEY, REQUEST_ID, TIER, USAGE
+from gateway.accesslog import ACCESS_LOG, NOTE, Note
 from gateway.errors import ApiError, json_response
 from gateway.router import RoutingError, StreamBroken
 from gateway.runtime import Runtime
@@ -33,14 +33,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
-
-
-def _request_id(request: web.Request) -> str:
+def _note(request: web.Request) -> Note:
     given = request.headers.get("x-request-id", "")
     if 0 < len(given) <= 128 and given.isascii() and given.isprintable():
-        return given
-    return os.urandom(16).hex()
+        return Note(given, client_chose_id=True)
+    return Note(os.urandom(16).hex())
 
 
 def _on_unix_socket(request: web.Request) -> bool:
@@ -68,22 +65,28 @@ def _authenticate(request: web.Request, rt: Runtime) -> ApiKey | None:
     return key
 
 
-@web.middleware
-async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id, authentication and OpenAI-style errors. The access line is written
-    by ``gateway.accesslog`` once the response is sent."""
-    rid = _request_id(request)
-    request[REQUEST_ID] = rid
-    try:
-        if request.path not in OPEN_PATHS:
-            request[KEY] = _authenticate(request, request.app[RUNTIME])
-        resp = await handler(request)
-    except ApiError as exc:
-        resp = exc.response()
-    except web.HTTPException as exc:
-        resp = _http_exception(exc)
-    resp.headers["x-request-id"] = rid
-    return resp
+def edge(handler: Handler, *, auth: bool = True) -> Handler:
+    """Wrap a route's handler: request id, authentication (unless ``auth`` is off) and
+    OpenAI-style errors. A wrapper per route rather than an aiohttp middleware: the
+    middleware chain is rebuilt on every request. The access line is written by
+    ``gateway.accesslog`` once the response is sent."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        note = _note(request)
+        request[NOTE] = note
+        try:
+            if auth:
+                note.key = _authenticate(request, request.app[RUNTIME])
+            resp = await handler(request)
+        except ApiError as exc:
+            resp = exc.response()
+        except web.HTTPException as exc:
+            resp = _http_exception(exc)
+        if not resp.prepared:
+            resp.headers["x-request-id"] = note.request_id
+        return resp
+
+    return wrapped
 
 
 def _http_exception(exc: web.HTTPException) -> web.Response:
@@ -146,20 +149,21 @@ def _deadline(rt: Runtime) -> float:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     body, raw = await _json_body(request, ChatCompletionBody)
-    rid = request[REQUEST_ID]
+    note = request[NOTE]
+    rid = note.request_id
     req = body.to_request(raw, rid)
-    key = request.get(KEY)
+    key = note.key
     completion_id = f"chatcmpl-{rid}"
     try:
         if req.stream:
             return await _stream(request, rt, req, key, completion_id)
         served = await rt.router.chat(req, key, _deadline(rt))
     except RoutingError as exc:
-        request[ATTEMPTS] = exc.attempts
+        note.attempts = exc.attempts
         raise _routing_error(exc) from exc
     except FatalError as exc:
         return json_response(exc.body, status=exc.status or 400)
-    request[TIER], request[ATTEMPTS], request[USAGE] = served.tier, served.attempts, served.result.usage
+    note.tier, note.attempts, note.usage = served.tier, served.attempts, served.result.usage
     return json_response(
         completion_json(req, served.result, completion_id),
         headers={"x-tiergate-tier": served.tier, "x-tiergate-attempts": str(served.attempts)},
@@ -176,17 +180,18 @@ async def _stream(request: web.Request, rt: Runtime, req: Any, key: ApiKey | Non
             "Cache-Control": "no-cache",
             "x-tiergate-tier": served.tier,
             "x-tiergate-attempts": str(served.attempts),
-            "x-request-id": request[REQUEST_ID],
+            "x-request-id": request[NOTE].request_id,
         }
     )
-    request[TIER] = served.tier
+    note = request[NOTE]
+    note.tier = served.tier
     try:
         await resp.prepare(request)
         try:
             async for chunk in served:
                 await resp.write(writer.chunk(chunk))
         except StreamBroken as exc:
-            log.warning("stream_broken", request_id=request[REQUEST_ID], tier=exc.tier,
+            log.warning("stream_broken", request_id=note.request_id, tier=exc.tier,
                         reason=exc.message)
             await resp.write(writer.error(exc.message, code="upstream_stream_broken"))
             return resp
@@ -196,23 +201,24 @@ async def _stream(request: web.Request, rt: Runtime, req: Any, key: ApiKey | Non
         await resp.write_eof()
     finally:
         await served.aclose()
-        request[TIER] = "+".join(served.tiers_used)
-        request[ATTEMPTS] = served.attempts
-        request[USAGE] = served.usage_total
+        note.tier = "+".join(served.tiers_used)
+        note.attempts = served.attempts
+        note.usage = served.usage_total
     return resp
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     body, raw = await _json_body(request, EmbeddingBody)
-    req = body.to_request(raw, request[REQUEST_ID])
+    note = request[NOTE]
+    req = body.to_request(raw, note.request_id)
     try:
-        served = await rt.router.embed(req, request.get(KEY), _deadline(rt))
+        served = await rt.router.embed(req, note.key, _deadline(rt))
     except RoutingError as exc:
         raise _routing_error(exc) from exc
     except FatalError as exc:
         return json_response(exc.body, status=exc.status or 400)
-    request[TIER], request[ATTEMPTS], request[USAGE] = served.tier, served.attempts, served.result.usage
+    note.tier, note.attempts, note.usage = served.tier, served.attempts, served.result.usage
     return json_response(
         embeddings_json(req, served.result),
         headers={"x-tiergate-tier": served.tier, "x-tiergate-attempts": str(served.attempts)},
@@ -221,7 +227,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
 
 async def list_models(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
-    key: ApiKey | None = request.get(KEY)
+    key: ApiKey | None = request[NOTE].key
     created = int(rt.started_at)
     data = []
     for task in ("chat", "embeddings"):
@@ -253,14 +259,31 @@ async def admin_usage(request: web.Request) -> web.StreamResponse:
     return json_response(report)
 
 
+async def unrouted(request: web.Request) -> web.StreamResponse:
+    """Every path and method no route takes: an OpenAI-style 404 or 405."""
+    methods = sorted(m for path, m in (r[:2][::-1] for r in ROUTES) if path == request.path)
+    if methods:
+        raise ApiError(405, f"Method {request.method} not allowed on {request.path}; use {', '.join(methods)}.",
+                       code="method_not_allowed", headers={"Allow": ", ".join(methods)})
+    raise ApiError(404, "Not found. The API lives under /v1 (see GET /v1/models).", code="not_found")
+
+
+# (method, path, handler, needs a key)
+ROUTES: list[tuple[str, str, Handler, bool]] = [
+    ("POST", "/v1/chat/completions", chat_completions, True),
+    ("POST", "/v1/embeddings", embeddings, True),
+    ("GET", "/v1/models", list_models, True),
+    ("GET", "/healthz", healthz, False),
+    ("GET", "/readyz", readyz, False),
+    ("GET", "/admin/usage", admin_usage, True),
+]
+
+
 def build_app(rt: Runtime) -> web.Application:
-    app = web.Application(middlewares=[edge], client_max_size=rt.config.server.max_body_bytes)
+    app = web.Application(client_max_size=rt.config.server.max_body_bytes)
     app[RUNTIME] = rt
     app[ACCESS_LOG] = rt.access_log
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/embeddings", embeddings)
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/admin/usage", admin_usage)
+    for method, path, handler, auth in ROUTES:
+        app.router.add_route(method, path, edge(handler, auth=auth))
+    app.router.add_route("*", "/{tail:.*}", edge(unrouted, auth=False))
     return app

@@ -50,7 +50,11 @@ def test_json_lines_off_a_tty_for_structlog_and_stdlib_loggers():
 async def test_access_lines_are_json_buffered_briefly_and_scrubbed():
     import asyncio
 
-    from gateway.accesslog import AccessLog
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from gateway.accesslog import NOTE, AccessLog, Note
+    from providers.schemas import Usage
 
     class Stream(io.StringIO):
         def __init__(self) -> None:
@@ -62,15 +66,22 @@ async def test_access_lines_are_json_buffered_briefly_and_scrubbed():
 
     stream = Stream()
     access = AccessLog("info", "auto", stream=stream, flush_s=0.05)
-    access.logger.info("request", request_id="Bearer abcdefghijkl0123",
-                       path="/v1/x/sk-abcdefghijklmnop", status=200, tier="local", latency_ms=1.5)
+    served = make_mocked_request("POST", "/v1/chat/completions")
+    served[NOTE] = Note("Bearer abcdefghijkl0123", client_chose_id=True, tier="local",
+                        attempts=1, usage=Usage(7, 3))
+    access.request(served, web.Response(status=200), 0.0015)
+    lost = make_mocked_request("GET", "/v1/x/sk-abcdefghijklmnop")
+    lost[NOTE] = Note("0123abcd")
+    access.request(lost, web.Response(status=404), 0.0001)
     assert stream.written() == b""  # buffered, not one write per line
     await asyncio.sleep(0.2)  # the flush timer
-    line = json.loads(stream.written().decode())
-    assert line["event"] == "request" and line["status"] == 200 and line["level"] == "info"
-    assert "abcdefghijkl0123" not in line["request_id"]
-    assert "sk-abcdefghijklmnop" not in line["path"]
+    first, second = (json.loads(ln) for ln in stream.written().decode().splitlines())
+    assert first["event"] == "request" and first["level"] == "info" and first["timestamp"].endswith("Z")
+    assert first["status"] == 200 and first["tier"] == "local" and first["latency_ms"] == 1.5
+    assert first["prompt_tokens"] == 7 and first["completion_tokens"] == 3
+    assert "abcdefghijkl0123" not in first["request_id"]
+    assert second["status"] == 404 and "sk-abcdefghijklmnop" not in second["path"]
     quiet = AccessLog("warning", "json", stream=stream)
-    quiet.logger.info("request", status=200)
+    quiet.request(served, web.Response(status=200), 0.001)
     quiet.flush()
-    assert stream.written().count(b"\n") == 1
+    assert stream.written().count(b"\n") == 2
