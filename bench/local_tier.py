@@ -7,7 +7,8 @@ For each concurrency (1, 4, 16; on a GPU also 64 and 256) it starts that many st
 once through the provider's public ``stream()`` (greedy, ``max_tokens`` tokens each) and
 reports: tokens/s of one stream (mean over streams, first token to last), aggregate
 tokens/s (all completion tokens over the wall time), time to first token (p50, p95),
-and the process's peak memory. The baseline, in the same run and on the same model
+the process's peak memory, and the engine's own time per decode step (ms/step: the
+batched forward alone, so wall time beyond it is prefill, contention or hand-off). The baseline, in the same run and on the same model
 object, is ``model.generate()`` one request at a time (greedy, exactly ``max_tokens`` new
 tokens, prefill included), measured before and after the engine runs and averaged.
 The ratios are to that baseline; the targets are >= 0.9x for one stream and >= 7x
@@ -87,9 +88,13 @@ async def one_stream(provider: LocalChatProvider, i: int, tokens: int) -> dict[s
 
 
 async def run_level(provider: LocalChatProvider, streams: int, tokens: int) -> dict[str, Any]:
+    engine = provider.engine
+    steps0, decode0 = getattr(engine, "steps", 0), getattr(engine, "decode_s", 0.0)
     start = time.perf_counter()
     results = await asyncio.gather(*(one_stream(provider, i, tokens) for i in range(streams)))
     wall = time.perf_counter() - start
+    steps = getattr(engine, "steps", 0) - steps0
+    decode_ms = 1000 * (getattr(engine, "decode_s", 0.0) - decode0) / steps if steps else None
     ttfts = sorted(r["ttft"] for r in results)
     total = sum(r["tokens"] for r in results)
     return {
@@ -101,6 +106,9 @@ async def run_level(provider: LocalChatProvider, streams: int, tokens: int) -> d
         "ttft_p50_s": round(ttfts[len(ttfts) // 2], 3),
         "ttft_p95_s": round(ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.95))], 3),
         "peak_rss_mb": round(peak_rss_mb()),
+        # The engine's own time per decode step (the batched forward): how much of the
+        # wall time the model took, against contention and hand-off.
+        "decode_ms_per_step": decode_ms and round(decode_ms, 1),
     }
 
 
@@ -175,11 +183,11 @@ async def main() -> None:
     print(f"baseline generate(), one at a time: {baseline:.1f} tok/s "
           f"(before {base_before:.1f}, after {base_after:.1f})")
     print(f"{'streams':>7} {'per-stream tok/s':>16} {'aggregate tok/s':>15} {'x baseline':>10} "
-          f"{'TTFT p50 s':>10} {'TTFT p95 s':>10} {'peak RSS MB':>11}")
+          f"{'TTFT p50 s':>10} {'TTFT p95 s':>10} {'peak RSS MB':>11} {'ms/step':>7}")
     for r in rows:
         print(f"{r['streams']:>7} {r['per_stream_tok_s']:>16} {r['aggregate_tok_s']:>15} "
               f"{r['aggregate_x_baseline']:>10} {r['ttft_p50_s']:>10} {r['ttft_p95_s']:>10} "
-              f"{r['peak_rss_mb']:>11}")
+              f"{r['peak_rss_mb']:>11} {r['decode_ms_per_step'] or '-':>7}")
     for name, t in report["targets"].items():
         if t["got"] is not None:
             verdict = "met" if t["got"] >= t["target"] else "MISSED"
