@@ -155,6 +155,8 @@ class Router:
         self.prices = prices
         self.background = background
         self._priced = frozenset(t.name for t in tiers if prices.is_priced(t.name))
+        # (task, public model name) -> the tiers that answer it, in file order.
+        self._answering: dict[tuple[str, str], list[Tier]] = {}
 
     def _is_priced(self, tier: Tier) -> bool:
         return tier.name in self._priced
@@ -171,9 +173,13 @@ class Router:
 
     def candidates(self, model: str, key: ApiKey | None, task: str) -> list[Tier]:
         """Tiers that answer ``model`` for this caller; 404/403 when there are none."""
-        answering = [
-            t for t in self.tiers.values() if t.cfg.task == task and t.cfg.answers(model)
-        ]
+        answering = self._answering.get((task, model))
+        if answering is None:
+            answering = [
+                t for t in self.tiers.values() if t.cfg.task == task and t.cfg.answers(model)
+            ]
+            if len(self._answering) < 1024:  # names are the client's: bound the cache
+                self._answering[(task, model)] = answering
         if not answering:
             raise RoutingError(
                 f"The model `{model}` does not exist or is not served here.",

@@ -182,21 +182,34 @@ class OpenAICompatProvider:
                 data, headers = None, None
             async with self._session.request(method, url, data=data, headers=headers,
                                              timeout=timeout) as resp:
-                if resp.status >= 400:
-                    payload = await read_error_payload(resp, tier=self.name)
-                    raise self.upstream_error(resp.status, resp.headers, payload)
+                await self._raise_for_status(resp)
                 yield resp
         except TRANSPORT_ERRORS as exc:
             raise transport_error(exc, tier=self.name, secret=self._api_key) from exc
+
+    async def _raise_for_status(self, resp: aiohttp.ClientResponse) -> None:
+        if resp.status >= 400:
+            payload = await read_error_payload(resp, tier=self.name)
+            raise self.upstream_error(resp.status, resp.headers, payload)
 
     def upstream_error(self, status: int, headers: Mapping[str, str], payload: Any) -> ProviderError:
         """The typed error for a failed upstream answer; tiers add their own cases."""
         return error_from_payload(status, headers, payload, tier=self.name, secret=self._api_key)
 
     async def post_json(self, url: str, body: Any) -> Any:
-        """POST ``body`` and return the decoded JSON answer."""
-        async with self.request("POST", url, json=body) as resp:
-            raw = await resp.read()
+        """POST ``body`` and return the decoded JSON answer.
+
+        The same as ``request`` then ``read``, written out: this is every non-streamed
+        call's path, and the context-manager generator costs more than the rest here.
+        """
+        if self._session is None:
+            raise RetryableError("tier not started", tier=self.name)
+        try:
+            async with self._session.post(url, data=orjson.dumps(body), headers=JSON_HEADERS) as resp:
+                await self._raise_for_status(resp)
+                raw = await resp.read()
+        except TRANSPORT_ERRORS as exc:
+            raise transport_error(exc, tier=self.name, secret=self._api_key) from exc
         payload = decode_json(raw)
         if payload is None:
             raise RetryableError("upstream answered with invalid JSON", tier=self.name)

@@ -7,8 +7,11 @@ a smoke forward) falls back to float32, and the reason is logged.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,20 @@ from providers.local.resolve import (
 )
 
 log = structlog.get_logger(__name__)
+
+# transformers' from_pretrained is not safe to run on two threads of one process at
+# once (seen: "Cannot copy out of meta tensor" when the chat and embedding tiers loaded
+# together), so local tiers take turns loading. Process-wide because the hazard is.
+_LOADING = threading.Lock()
+
+
+def _one_at_a_time(load: Callable[[TierConfig], LoadedModel]) -> Callable[[TierConfig], LoadedModel]:
+    @functools.wraps(load)
+    def locked(cfg: TierConfig) -> LoadedModel:
+        with _LOADING:
+            return load(cfg)
+
+    return locked
 
 
 @dataclass
@@ -63,6 +80,7 @@ def _model_dir(cfg: TierConfig) -> tuple[Path, bool | None]:
     return converted.path, converted.cache_hit
 
 
+@_one_at_a_time
 def load_chat_model(cfg: TierConfig) -> LoadedModel:
     """Resolve, convert (GGUF), and load a causal LM with its tokenizer."""
     import torch
@@ -134,6 +152,7 @@ def load_chat_model(cfg: TierConfig) -> LoadedModel:
     )
 
 
+@_one_at_a_time
 def load_embedding_model(cfg: TierConfig) -> LoadedModel:
     """Load a sentence-embedding encoder (a sentence-transformers directory or plain)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
