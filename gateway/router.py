@@ -33,6 +33,7 @@ from gateway.config import RoutingConfig
 from gateway.health import TierHealth
 from gateway.tasks import BackgroundTasks
 from policies.base import Policy, TierView
+from policies.file_order import FileOrder
 from providers.base import Provider
 from providers.config import TierConfig
 from providers.errors import CapacityError, FatalError, ProviderError, RetryableError
@@ -155,6 +156,7 @@ class Router:
         self.prices = prices
         self.background = background
         self._priced = frozenset(t.name for t in tiers if prices.is_priced(t.name))
+        self._file_order = type(policy) is FileOrder
         # (task, public model name) -> the tiers that answer it, in file order.
         self._answering: dict[tuple[str, str], list[Tier]] = {}
 
@@ -205,6 +207,8 @@ class Router:
         return answering
 
     def _ranked(self, req: ChatRequest, tiers: list[Tier]) -> list[Tier]:
+        if self._file_order:
+            return tiers  # candidates come in file order already: no views to build
         views = [self.view(t) for t in tiers]
         order = self.policy.rank(req, views)
         return [self.tiers[n] for n in order if n in self.tiers]
