@@ -35,6 +35,7 @@ from providers.config import TierConfig
 from providers.errors import CapacityError, FatalError, ProviderError
 from providers.local.detok import IncrementalDetokenizer, StopMatcher
 from providers.local.engine import Engine, EngineEvent
+from providers.local.lifecycle import BackgroundLoad
 from providers.local.sampling import SamplingParams
 from providers.local.tools import ToolCallStream
 from providers.schemas import (
@@ -52,19 +53,6 @@ from providers.schemas import (
 log = structlog.get_logger(__name__)
 
 
-def describe_load_error(exc: BaseException) -> str:
-    """A one-line cause for a failed load, for logs and /readyz."""
-    from providers.local.resolve import ModelSpecError
-
-    if isinstance(exc, ModelSpecError):
-        return str(exc)
-    if isinstance(exc, MemoryError) or "OutOfMemoryError" in type(exc).__name__:
-        return f"out of memory while loading the model: {exc}"
-    if isinstance(exc, OSError):
-        return f"cannot read the model: {exc}"
-    return f"{type(exc).__name__}: {exc}"
-
-
 @dataclass
 class _Choice:
     index: int
@@ -78,55 +66,26 @@ class _Choice:
     text: list[str] = field(default_factory=list)
 
 
-class LocalChatProvider:
+class LocalChatProvider(BackgroundLoad):
     """A chat tier served by an in-process model and a batching engine."""
 
     kind = "local"
 
     def __init__(self, cfg: TierConfig) -> None:
-        self.name = cfg.name
-        self.cfg = cfg
+        super().__init__(cfg)
         self.capabilities = Capabilities(
             chat=True, stream=True, embeddings=False, tools=True, resume=True
         )
         self.model_name = cfg.model
-        self.load_error: str | None = None
         self.gguf_cache_hit: bool | None = None
         self.max_context = 0
         self._loaded: Any = None
         self._engine: Engine | None = None
         self._prompts: Any = None
-        self._load_task: asyncio.Task[None] | None = None
         # Prompt rendering and tokenising: off the event loop, one at a time.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tiergate-tok-{cfg.name}")
 
     # --- lifecycle -------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Begin loading on a thread; return at once (see ``ready``, ``load_error``)."""
-        if self._load_task is None:
-            self._load_task = asyncio.get_running_loop().create_task(self._load())
-
-    async def wait_loaded(self) -> bool:
-        """Wait for the load started by ``start``; True when ready."""
-        if self._load_task is None:
-            await self.start()
-        assert self._load_task is not None
-        await asyncio.shield(self._load_task)
-        return self.ready
-
-    async def _load(self) -> None:
-        started = time.perf_counter()
-        try:
-            loaded, engine = await asyncio.to_thread(self._load_blocking)
-        except Exception as exc:  # any failure here must leave the daemon serving
-            self.load_error = f"tier {self.name}: {describe_load_error(exc)}"
-            log.error("local_model_load_failed", tier=self.name, model=self.cfg.model,
-                      error=self.load_error)
-            return
-        self._loaded = loaded
-        self._engine = engine
-        log.info("local_tier_ready", tier=self.name, seconds=round(time.perf_counter() - started, 2))
 
     def _load_blocking(self) -> tuple[Any, Engine]:
         from providers.local.engines import make_engine
@@ -140,6 +99,9 @@ class LocalChatProvider:
         engine = make_engine(self.cfg, loaded)
         engine.start()
         return loaded, engine
+
+    def _loaded_ok(self, result: tuple[Any, Engine]) -> None:
+        self._loaded, self._engine = result
 
     @property
     def ready(self) -> bool:
@@ -159,8 +121,7 @@ class LocalChatProvider:
         return Health(ok=True, detail=f"{self._engine.active} active, {self._engine.waiting} waiting")
 
     async def aclose(self) -> None:
-        if self._load_task is not None and not self._load_task.done():
-            await asyncio.shield(self._load_task)
+        await self._finish_loading()
         engine, self._engine = self._engine, None
         if engine is not None:
             await asyncio.to_thread(engine.close)

@@ -20,6 +20,7 @@ import structlog
 from providers.base import Capabilities
 from providers.config import TierConfig
 from providers.errors import CapacityError, FatalError
+from providers.local.lifecycle import BackgroundLoad
 from providers.schemas import (
     ChatChunk,
     ChatRequest,
@@ -35,47 +36,27 @@ log = structlog.get_logger(__name__)
 _BATCH = 32
 
 
-class LocalEmbeddingProvider:
+class LocalEmbeddingProvider(BackgroundLoad):
     """An embeddings tier served by an in-process encoder."""
 
     kind = "local"
 
     def __init__(self, cfg: TierConfig) -> None:
-        self.name = cfg.name
-        self.cfg = cfg
+        super().__init__(cfg)
         self.capabilities = Capabilities(
             chat=False, stream=False, embeddings=True, tools=False, resume=False
         )
         self.model_name = cfg.model
-        self.load_error: str | None = None
         self.dimensions = 0
         self._loaded: Any = None
-        self._load_task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tiergate-emb-{cfg.name}")
 
-    async def start(self) -> None:
-        if self._load_task is None:
-            self._load_task = asyncio.get_running_loop().create_task(self._load())
-
-    async def wait_loaded(self) -> bool:
-        if self._load_task is None:
-            await self.start()
-        assert self._load_task is not None
-        await asyncio.shield(self._load_task)
-        return self.ready
-
-    async def _load(self) -> None:
-        from providers.local.chat import describe_load_error
+    def _load_blocking(self) -> Any:
         from providers.local.loader import load_embedding_model
 
-        loop = asyncio.get_running_loop()
-        try:
-            loaded = await loop.run_in_executor(self._executor, load_embedding_model, self.cfg)
-        except Exception as exc:  # the daemon keeps serving its other tiers
-            self.load_error = f"tier {self.name}: {describe_load_error(exc)}"
-            log.error("local_model_load_failed", tier=self.name, model=self.cfg.model,
-                      error=self.load_error)
-            return
+        return load_embedding_model(self.cfg)
+
+    def _loaded_ok(self, loaded: Any) -> None:
         self.dimensions = int(loaded.model.config.hidden_size)
         self._loaded = loaded
 
@@ -89,8 +70,7 @@ class LocalEmbeddingProvider:
         return Health(ok=True, detail=f"{self.dimensions} dimensions")
 
     async def aclose(self) -> None:
-        if self._load_task is not None and not self._load_task.done():
-            await asyncio.shield(self._load_task)
+        await self._finish_loading()
         self._loaded = None
         self._executor.shutdown(wait=False)
 
