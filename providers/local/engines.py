@@ -16,25 +16,23 @@ from providers.local.resolve import ModelSpecError
 ENGINES = ("continuous", "transformers_cb")
 
 
-def make_engine(cfg: TierConfig, loaded: Any) -> Engine:
-    if cfg.engine == "continuous":
-        return BatchedEngine(
-            loaded.model,
-            eos_token_ids=loaded.eos_token_ids,
-            max_context=loaded.max_context,
-            max_batch=cfg.max_batch,
-            max_queue=cfg.max_queue,
-            name=cfg.name,
-        )
-    if cfg.engine == "transformers_cb":
+def _engine_class(name: str) -> Any:
+    if name == "continuous":
+        return BatchedEngine
+    if name == "transformers_cb":
         from providers.local.transformers_cb import TransformersCBEngine
 
-        return TransformersCBEngine(
-            loaded.model,
-            eos_token_ids=loaded.eos_token_ids,
-            max_context=loaded.max_context,
-            max_batch=cfg.max_batch,
-            max_queue=cfg.max_queue,
-            name=cfg.name,
-        )
-    raise ModelSpecError(f"unknown engine {cfg.engine!r}; known: {', '.join(ENGINES)}")
+        return TransformersCBEngine
+    raise ModelSpecError(f"unknown engine {name!r}; known: {', '.join(ENGINES)}")
+
+
+def make_engine(cfg: TierConfig, loaded: Any) -> Engine:
+    engine: Engine = _engine_class(cfg.engine)(
+        loaded.model,
+        eos_token_ids=loaded.eos_token_ids,
+        max_context=loaded.max_context,
+        max_batch=cfg.max_batch,
+        max_queue=cfg.max_queue,
+        name=cfg.name,
+    )
+    return engine
