@@ -56,8 +56,8 @@ class TierConfig(BaseModel):
     api_key_credential: str | None = None
     price: TierPrice = Field(default_factory=TierPrice)
     timeout_s: float = Field(60.0, gt=0)
-    # The output cap sent to a priced tier when the client gives none: a budget hold
-    # must assume a bound.
+    # The output cap when the client gives none: sent to a priced tier (a budget hold
+    # must assume a bound) and applied by a local tier (a generation must end).
     max_output_tokens: int = Field(4096, ge=1)
     connect_timeout_s: float = Field(5.0, gt=0)
     max_connections: int = Field(100, ge=1)

@@ -15,7 +15,8 @@ Errors a request can get:
 
 Sampling parameters a request leaves out take the model's generation config (the
 transformers convention): a model without one decodes greedily. ``temperature = 0`` is
-greedy. ``max_tokens`` is capped at what is left of the context (finish "length").
+greedy. ``max_tokens`` defaults to the tier's ``max_output_tokens`` and is capped at
+what is left of the context (finish "length").
 """
 
 from __future__ import annotations
@@ -325,7 +326,8 @@ class LocalChatProvider(BackgroundLoad):
         top_k = req.top_k
         if top_k is None:
             top_k = int(defaults.get("top_k") or 0) if sampled_by_default else 0
-        max_new = budget if req.max_tokens is None else min(req.max_tokens, budget)
+        asked = self.cfg.max_output_tokens if req.max_tokens is None else req.max_tokens
+        max_new = min(asked, budget)
         return SamplingParams(
             max_new_tokens=max_new,
             temperature=float(temperature),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from tests.gateway.conftest import SECRET
 from tests.support.upstream import (
@@ -228,3 +229,54 @@ async def test_circuit_opens_after_repeated_failures(make_daemon, upstreams):
     assert calls == 10
     assert a.count("/v1/chat/completions") == calls
     assert tiers["first"]["circuit"] == "open"
+
+
+async def test_a_local_tier_that_times_out_is_not_retried(tmp_path, redis_url, upstreams):
+    """A generation that ran out of time would run out again: fail over at once."""
+    from gateway.config import parse_config
+    from gateway.runtime import Runtime
+    from providers.base import Capabilities
+    from providers.schemas import ChatRequest
+
+    _, b = upstreams
+    toml = f"""
+[server]
+http = "127.0.0.1:1"
+state_dir = "{tmp_path}"
+[redis]
+url = "{redis_url}"
+[routing]
+retries = 2
+[[tiers]]
+name = "slow-local"
+kind = "local"
+model = "/nonexistent"
+models = ["m"]
+timeout_s = 0.2
+[[tiers]]
+name = "remote"
+kind = "openai"
+base_url = "{b.base_url}"
+model = "x"
+models = ["m"]
+"""
+    rt = Runtime(parse_config(toml))
+
+    class SlowLocal:  # a local tier whose generation takes longer than its timeout
+        name, kind, capabilities, ready = "slow-local", "local", Capabilities(), True
+        calls = 0
+
+        async def chat(self, req):
+            SlowLocal.calls += 1
+            await asyncio.sleep(5)
+
+    rt.router.tiers["slow-local"].provider = SlowLocal()
+    await rt.providers["remote"].start()
+    try:
+        request = ChatRequest(model="m", messages=({"role": "user", "content": "hi"},))
+        served = await rt.router.chat(request, None, time.monotonic() + 10)
+    finally:
+        await rt.providers["remote"].aclose()
+    assert served.tier == "remote"
+    assert SlowLocal.calls == 1
+    assert served.attempts == 2

@@ -388,3 +388,20 @@ async def test_embeddings(embedder: LocalEmbeddingProvider) -> None:
     with pytest.raises(FatalError) as info:
         await embedder.embed(EmbeddingRequest(model="minilm", inputs=("x",), dimensions=128))
     assert info.value.status == 400 and info.value.param == "dimensions"
+
+
+async def test_a_request_without_max_tokens_stops_at_the_tiers_cap(cache_dir: Path) -> None:
+    provider = build_local_provider(
+        TierConfig(name="capped", kind="local", model=SMOLLM, cache_dir=str(cache_dir),
+                   max_output_tokens=5))
+    await provider.start()
+    try:
+        assert await provider.wait_loaded(), provider.load_error
+        story = ({"role": "user", "content": "Write a long story about a dragon."},)
+        result = await provider.chat(_request(messages=story, max_tokens=None))
+        assert result.usage.completion_tokens == 5
+        assert result.choices[0].finish_reason == "length"
+        asked = await provider.chat(_request(messages=story, max_tokens=8))
+        assert asked.usage.completion_tokens == 8  # the client's own max_tokens wins
+    finally:
+        await provider.aclose()
