@@ -197,3 +197,24 @@ async def test_openai_client_sees_a_broken_stream_as_an_error(make_daemon, upstr
                     pass
         finally:
             await client.close()
+
+
+@pytest.mark.parametrize("which", ["tcp_only", "socket_only"])
+async def test_either_listener_can_be_off(make_daemon, which):
+    from tests.gateway.conftest import TWO_TIERS
+
+    if which == "tcp_only":
+        toml = TWO_TIERS.replace('unix_socket = "{socket}"', 'unix_socket = ""')
+    else:
+        toml = TWO_TIERS.replace('http = "127.0.0.1:{port}"', 'http = ""')
+    d = make_daemon(toml=toml)
+    async with d:
+        assert d.server.addresses and len(d.server.addresses) == 1
+        if which == "tcp_only":
+            assert not d.socket_path.exists()
+            async with d.post("/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 200
+        else:
+            assert d.server.addresses[0].startswith("unix:")
+            async with d.unix_session.post("http://localhost/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 200
