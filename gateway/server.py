@@ -175,6 +175,11 @@ async def serve(config: Config, *, environ: Mapping[str, str] | None = None) -> 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
+    # Reloading the TOML in place is not built yet; a SIGHUP must not kill the daemon
+    # (its default action), so it is noted and ignored until it is.
+    loop.add_signal_handler(
+        signal.SIGHUP, lambda: log.warning("reload_unsupported", hint="restart to apply config changes")
+    )
     try:
         await server.start()
         await server.wait()

@@ -150,3 +150,17 @@ async def test_sigterm_drains_in_flight_requests_and_notifies_systemd(tmp_path: 
         finally:
             d.stop()
             notify.close()
+
+
+async def test_sighup_does_not_kill_the_daemon(served):
+    import asyncio
+    import signal
+
+    d, _ = served
+    await asyncio.to_thread(d.start)
+    d.signal(signal.SIGHUP)
+    await asyncio.sleep(0.3)
+    assert d.process.poll() is None
+    assert await asyncio.to_thread(d._ready)
+    assert await asyncio.to_thread(d.stop) == 0
+    assert "reload_unsupported" in d.log()
