@@ -110,6 +110,14 @@ def _scope_label(scope: str) -> str:
     return f"{kind} '{name}'" if name else scope
 
 
+def _hold_for(
+    req: HoldRequest, hold_id: str, day: str, month: str,
+    budgets: tuple[tuple[str, WindowKind], ...] = (),
+) -> Hold:
+    return Hold(id=hold_id, tier=req.tier, model=req.model, key=req.key,
+                amount_micros=req.amount_micros, day=day, month=month, budgets=budgets)
+
+
 class Ledger:
     def __init__(
         self,
@@ -390,16 +398,7 @@ class Ledger:
             refusal = self._refusal(hold, scope, kind, limit, int(reply[2]), int(reply[3]))
             return Admission(refusal=refusal)
         return Admission(
-            hold=Hold(
-                id=hold_id,
-                tier=hold.tier,
-                model=hold.model,
-                key=hold.key,
-                amount_micros=hold.amount_micros,
-                day=day,
-                month=month,
-                budgets=tuple((scope, kind) for scope, kind, _ in budgets),
-            )
+            hold=_hold_for(hold, hold_id, day, month, tuple((scope, kind) for scope, kind, _ in budgets))
         )
 
     def _refusal(
@@ -441,15 +440,7 @@ class Ledger:
                 tier=hold.tier,
                 code="ledger_unavailable",
             )
-        return Hold(
-            id=hold_id,
-            tier=hold.tier,
-            model=hold.model,
-            key=hold.key,
-            amount_micros=hold.amount_micros,
-            day=day,
-            month=month,
-        )
+        return _hold_for(hold, hold_id, day, month)
 
     # -- after a call --------------------------------------------------------
 
