@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from gateway.accesslog import ACCESS_LOG, NOTE, Note
 from gateway.errors import ApiError, json_response
-from gateway.router import RoutingError, StreamBroken
+from gateway.routing import RoutingError, StreamBroken
 from gateway.runtime import Runtime
 from gateway.wire import (
     ChatCompletionBody,

@@ -14,11 +14,9 @@ holds and deadlines, until one serves.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import structlog
 from tenacity import (
@@ -30,18 +28,22 @@ from tenacity import (
 )
 
 from gateway.config import RoutingConfig
-from gateway.health import TierHealth
+from gateway.routing import (
+    RoutingError,
+    Served,
+    Tier,
+    Trail,
+    estimate_prompt_tokens,
+)
+from gateway.streaming import OpenStream, ServedStream, aclose_quietly, meaningful
 from gateway.tasks import BackgroundTasks
 from policies.base import Policy, TierView
 from policies.file_order import FileOrder
-from providers.base import Provider
-from providers.config import TierConfig
-from providers.errors import CapacityError, FatalError, ProviderError, RetryableError
+from providers.errors import CapacityError, ProviderError, RetryableError
 from providers.schemas import (
     ChatChunk,
     ChatRequest,
     ChatResult,
-    ChunkChoice,
     EmbeddingRequest,
     EmbeddingResult,
     Usage,
@@ -52,90 +54,7 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-
-class RoutingError(Exception):
-    """No tier served. Carries what the client should see."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int,
-        code: str,
-        type_: str | None = None,
-        headers: dict[str, str] | None = None,
-        attempts: int = 0,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.code = code
-        self.type = type_
-        self.headers = headers or {}
-        self.attempts = attempts
-
-
-class StreamBroken(Exception):
-    """A stream failed after its first byte reached the client and could not resume."""
-
-    def __init__(self, message: str, *, tier: str) -> None:
-        super().__init__(message)
-        self.message = message
-        self.tier = tier
-
-
-@dataclass
-class Tier:
-    cfg: TierConfig
-    provider: Provider
-    health: TierHealth
-    position: int
-
-    @property
-    def name(self) -> str:
-        return self.cfg.name
-
-
-@dataclass
-class Served(Generic[T]):
-    result: T
-    tier: str
-    attempts: int
-
-
-@dataclass
-class _Trail:
-    """What happened while routing one request, for the error message and the log."""
-
-    attempts: int = 0
-    failures: list[str] = field(default_factory=list)
-    refusals: list[Refusal] = field(default_factory=list)
-    # Tokens admit() charged to the key's tokens-per-minute; the first settle corrects it.
-    admitted_tokens: int | None = None
-
-    def take_admitted(self) -> int | None:
-        tokens, self.admitted_tokens = self.admitted_tokens, None
-        return tokens
-
-
-def estimate_prompt_tokens(req: ChatRequest) -> int:
-    """An upper bound on the prompt's tokens without a tokenizer: a token of any BPE
-    vocabulary covers at least one byte, and each message adds a few template tokens."""
-    total = 3
-    for m in req.messages:
-        content = m.get("content")
-        if isinstance(content, str):
-            total += len(content.encode())
-        elif content is not None:
-            total += len(json.dumps(content, separators=(",", ":")).encode())
-        if m.get("tool_calls"):
-            total += len(json.dumps(m["tool_calls"], separators=(",", ":")).encode())
-        total += 8
-    if req.tools:
-        total += len(json.dumps(req.tools, separators=(",", ":")).encode())
-    if req.assistant_prefix:
-        total += len(req.assistant_prefix.encode())
-    return total
+__all__ = ["Router"]
 
 
 class Router:
@@ -255,7 +174,7 @@ class Router:
         return req.replace(max_tokens=cap, body=body)
 
     async def _admit(
-        self, req: ChatRequest, ranked: list[Tier], key: ApiKey | None, trail: _Trail
+        self, req: ChatRequest, ranked: list[Tier], key: ApiKey | None, trail: Trail
     ) -> Hold | Refusal | None:
         """Rate limits and the first priced tier's hold, in one ledger round trip."""
         first = ranked[0] if ranked else None
@@ -302,7 +221,7 @@ class Router:
         key: ApiKey | None,
         hold: Hold | None,
         usage: Usage,
-        trail: _Trail,
+        trail: Trail,
         *,
         error: bool = False,
     ) -> None:
@@ -365,7 +284,7 @@ class Router:
     async def _call_with_retries(
         self,
         tier: Tier,
-        trail: _Trail,
+        trail: Trail,
         deadline: float,
         call: Callable[[], Awaitable[T]],
     ) -> T:
@@ -391,7 +310,7 @@ class Router:
     async def _try_once(
         self,
         tier: Tier,
-        trail: _Trail,
+        trail: Trail,
         deadline: float,
         call: Callable[[], Awaitable[T]],
     ) -> T:
@@ -419,15 +338,15 @@ class Router:
         key: ApiKey | None,
         deadline: float,
         task: str,
-        run: Callable[[Tier, Any, _Trail], Awaitable[T]],
+        run: Callable[[Tier, Any, Trail], Awaitable[T]],
         original: Any,
-        on_success: Callable[[Tier, Hold | None, T, _Trail, list[Tier]], R],
+        on_success: Callable[[Tier, Hold | None, T, Trail, list[Tier]], R],
     ) -> R:
         """Try ranked tiers until ``run`` succeeds on one; ``on_success`` takes over the
         tier's in-flight count and hold from there."""
         tiers = self.candidates(req.model, key, task)
         ranked = self._ranked(req, tiers)
-        trail = _Trail()
+        trail = Trail()
         first_outcome = await self._admit(req, ranked, key, trail)
         for i, tier in enumerate(ranked):
             if not tier.provider.ready:
@@ -458,7 +377,7 @@ class Router:
             return on_success(tier, outcome, result, trail, ranked[i + 1 :])
         raise self._exhausted(req, trail)
 
-    def _tier_failed(self, tier: Tier, exc: ProviderError, trail: _Trail) -> None:
+    def _tier_failed(self, tier: Tier, exc: ProviderError, trail: Trail) -> None:
         reason = f"{tier.name}: {exc.message}"
         trail.failures.append(reason)
         opened = tier.health.record_failure(exc.message)
@@ -471,7 +390,7 @@ class Router:
             circuit_opened=opened,
         )
 
-    def _exhausted(self, req: ChatRequest, trail: _Trail) -> RoutingError:
+    def _exhausted(self, req: ChatRequest, trail: Trail) -> RoutingError:
         if trail.refusals and not trail.failures:
             r = trail.refusals[0]
             return RoutingError(
@@ -492,8 +411,8 @@ class Router:
 
     def _whole_answer(
         self, req: ChatRequest, key: ApiKey | None, started: float
-    ) -> Callable[[Tier, Hold | None, Any, _Trail, list[Tier]], Served[Any]]:
-        def done(tier: Tier, hold: Hold | None, result: Any, trail: _Trail, _rest: list[Tier]) -> Served[Any]:
+    ) -> Callable[[Tier, Hold | None, Any, Trail, list[Tier]], Served[Any]]:
+        def done(tier: Tier, hold: Hold | None, result: Any, trail: Trail, _rest: list[Tier]) -> Served[Any]:
             tier.health.in_flight -= 1
             tier.health.record_success(ttft_s=time.monotonic() - started)
             self._settle(tier, req, key, hold, result.usage, trail)
@@ -504,7 +423,7 @@ class Router:
     # -- chat and embeddings ------------------------------------------------------------
 
     async def chat(self, req: ChatRequest, key: ApiKey | None, deadline: float) -> Served[ChatResult]:
-        async def run(tier: Tier, r: ChatRequest, trail: _Trail) -> ChatResult:
+        async def run(tier: Tier, r: ChatRequest, trail: Trail) -> ChatResult:
             return await self._call_with_retries(tier, trail, deadline, lambda: tier.provider.chat(r))
 
         started = time.monotonic()
@@ -521,7 +440,7 @@ class Router:
             request_id=req.request_id,
         )
 
-        async def run(tier: Tier, r: EmbeddingRequest, trail: _Trail) -> EmbeddingResult:
+        async def run(tier: Tier, r: EmbeddingRequest, trail: Trail) -> EmbeddingResult:
             return await self._call_with_retries(tier, trail, deadline, lambda: tier.provider.embed(r))
 
         started = time.monotonic()
@@ -538,12 +457,12 @@ class Router:
         are invisible); the rest of the stream is read from the returned object, which
         settles usage when it ends."""
 
-        async def run(tier: Tier, r: ChatRequest, trail: _Trail) -> _OpenStream:
+        async def run(tier: Tier, r: ChatRequest, trail: Trail) -> OpenStream:
             return await self._call_with_retries(
                 tier, trail, deadline, lambda: self._open_on(tier, r, deadline)
             )
 
-        def opened(tier: Tier, hold: Hold | None, stream: _OpenStream, trail: _Trail, rest: list[Tier]) -> ServedStream:
+        def opened(tier: Tier, hold: Hold | None, stream: OpenStream, trail: Trail, rest: list[Tier]) -> ServedStream:
             return ServedStream(
                 router=self, req=req, key=key, deadline=deadline, trail=trail,
                 tier=tier, hold=hold, opened=stream, remaining=rest,
@@ -551,7 +470,7 @@ class Router:
 
         return await self._walk(req, key, deadline, "chat", run, req, opened)
 
-    async def _open_on(self, tier: Tier, req: ChatRequest, deadline: float) -> _OpenStream:
+    async def _open_on(self, tier: Tier, req: ChatRequest, deadline: float) -> OpenStream:
         """Start a stream and read up to its first meaningful chunk (role-only deltas are
         held back, so a stall right after them is still invisible)."""
         started = time.monotonic()
@@ -568,234 +487,14 @@ class Router:
                             "upstream stream ended before its first token", tier=tier.name
                         ) from None
                     held.append(chunk)
-                    if _meaningful(chunk):
+                    if meaningful(chunk):
                         break
         except TimeoutError as exc:
-            await _aclose(it)
+            await aclose_quietly(it)
             raise RetryableError(
                 f"no first token within {self.routing.first_token_timeout_s:.1f}s", tier=tier.name
             ) from exc
         except BaseException:
-            await _aclose(it)
+            await aclose_quietly(it)
             raise
-        return _OpenStream(iterator=it, held=held, started=started, ttft_s=time.monotonic() - started)
-
-
-@dataclass
-class _OpenStream:
-    iterator: AsyncIterator[ChatChunk]
-    held: list[ChatChunk]
-    started: float
-    ttft_s: float
-
-
-def _meaningful(chunk: ChatChunk) -> bool:
-    if chunk.usage is not None and not chunk.choices:
-        return True
-    for c in chunk.choices:
-        d = c.delta
-        if d.get("content") or d.get("tool_calls") or d.get("function_call") or c.finish_reason:
-            return True
-    return False
-
-
-async def _aclose(it: AsyncIterator[Any]) -> None:
-    close = getattr(it, "aclose", None)
-    if close is not None:
-        try:
-            await close()
-        except Exception as exc:  # a broken upstream may fail while closing; note it, go on
-            log.debug("stream_close_failed", error=repr(exc))
-
-
-class ServedStream:
-    """The rest of an opened stream. Iterate it for chunks; always ``aclose()`` it.
-
-    Usage is settled with the ledger when each tier's part ends, however it ends. With
-    ``stream_failover = "resume"`` a failure after the first byte continues on the next
-    tier able to resume; otherwise iteration raises ``StreamBroken``.
-    """
-
-    def __init__(
-        self,
-        *,
-        router: Router,
-        req: ChatRequest,
-        key: ApiKey | None,
-        deadline: float,
-        trail: _Trail,
-        tier: Tier,
-        hold: Hold | None,
-        opened: _OpenStream,
-        remaining: list[Tier],
-    ) -> None:
-        self._router = router
-        self._req = req
-        self._key = key
-        self._deadline = deadline
-        self._trail = trail
-        self._tier = tier
-        self._hold = hold
-        self._opened = opened
-        self._remaining = remaining
-        self._text: dict[int, str] = {}
-        self._pieces = 0
-        self._usage: Usage | None = None
-        self._settled = False  # the current tier's part
-        self.tier = tier.name
-        self.tiers_used = [tier.name]
-        self.usage_total = Usage()
-
-    @property
-    def attempts(self) -> int:
-        return self._trail.attempts
-
-    def __aiter__(self) -> AsyncIterator[ChatChunk]:
-        return self._chunks()
-
-    async def _chunks(self) -> AsyncIterator[ChatChunk]:
-        first = True
-        while True:
-            try:
-                async for chunk in self._read_current(first):
-                    yield chunk
-            except (RetryableError, CapacityError) as exc:
-                failed = self._tier
-                self._router._tier_failed(failed, exc, self._trail)
-                await _aclose(self._opened.iterator)
-                self._settle_current(outcome="failed")
-                if not await self._resume(exc):
-                    raise StreamBroken(
-                        f"tier {failed.name} failed mid-stream: {exc.message}", tier=failed.name
-                    ) from exc
-                first = False
-                continue
-            self._settle_current(outcome="ok")
-            return
-
-    async def _read_current(self, first: bool) -> AsyncIterator[ChatChunk]:
-        opened = self._opened
-        routing = self._router.routing
-        held, opened.held = opened.held, []
-        for chunk in held:
-            out = self._track(chunk, skip_role=not first)
-            if out is not None:
-                yield out
-        it = opened.iterator
-        while True:
-            remaining = self._deadline - time.monotonic()
-            if remaining <= 0:
-                raise RetryableError("request deadline passed mid-stream", tier=self._tier.name)
-            timeout = min(routing.inter_token_timeout_s, remaining)
-            try:
-                async with asyncio.timeout(timeout):
-                    chunk = await anext(it)
-            except StopAsyncIteration:
-                return
-            except TimeoutError as exc:
-                raise RetryableError(
-                    f"no token for {timeout:.1f}s (inter-token timeout)", tier=self._tier.name
-                ) from exc
-            out = self._track(chunk, skip_role=False)
-            if out is not None:
-                yield out
-
-    def _track(self, chunk: ChatChunk, *, skip_role: bool) -> ChatChunk | None:
-        """Note usage and text; drop the usage-only chunk (the API writes its own) and,
-        on a resumed tier, the repeated role delta."""
-        if chunk.usage is not None:
-            self._usage = chunk.usage
-        if not chunk.choices:
-            return None
-        choices = []
-        for c in chunk.choices:
-            content = c.delta.get("content")
-            if content:
-                self._text[c.index] = self._text.get(c.index, "") + content
-                self._pieces += 1
-            if skip_role and "role" in c.delta:
-                delta = {k: v for k, v in c.delta.items() if k != "role"}
-                if not delta and c.finish_reason is None:
-                    continue
-                c = ChunkChoice(index=c.index, delta=delta, finish_reason=c.finish_reason)
-            choices.append(c)
-        if not choices:
-            return None
-        return ChatChunk(choices=tuple(choices), model=chunk.model)
-
-    def _settle_current(self, *, outcome: str) -> None:
-        """Settle the current tier's part: usage to the ledger, latency to health.
-        ``outcome`` is "ok", "failed" (the tier broke) or "cancelled" (the client left)."""
-        if self._settled:
-            return
-        self._settled = True
-        router, tier = self._router, self._tier
-        usage = self._usage or Usage(
-            prompt_tokens=estimate_prompt_tokens(self._req) if self._pieces else 0,
-            completion_tokens=self._pieces,
-        )
-        self.usage_total = self.usage_total + usage
-        tier.health.in_flight -= 1
-        if outcome == "ok":
-            tpot = None
-            if usage.completion_tokens > 1:
-                total = time.monotonic() - self._opened.started
-                tpot = max(total - self._opened.ttft_s, 0.0) / (usage.completion_tokens - 1)
-            tier.health.record_success(ttft_s=self._opened.ttft_s, tpot_s=tpot)
-        elif outcome == "cancelled":
-            tier.health.release_trial()
-        router._settle(tier, self._req, self._key, self._hold, usage, self._trail, error=outcome == "failed")
-        self._hold = None
-
-    async def _resume(self, cause: ProviderError) -> bool:
-        """Continue the answer on the next tier able to; False when none can."""
-        router = self._router
-        if router.routing.stream_failover != "resume" or self._req.n != 1:
-            return False
-        prefix = self._text.get(0, "")
-        req = self._req.replace(assistant_prefix=(self._req.assistant_prefix or "") + prefix)
-        if req.max_tokens is not None:
-            produced = self.usage_total.completion_tokens
-            if produced >= req.max_tokens:
-                return False
-            req = req.replace(max_tokens=req.max_tokens - produced)
-        self._text = {}
-        while self._remaining:
-            tier = self._remaining.pop(0)
-            if not (tier.provider.capabilities.resume and tier.provider.ready and tier.health.allow()):
-                continue
-            outcome = await router._hold_for(req, tier, self._key, None, False)
-            if isinstance(outcome, Refusal):
-                tier.health.release_trial()
-                continue
-            tier_req = router._bounded(req, tier)
-            tier.health.in_flight += 1
-            try:
-                opened = await router._call_with_retries(
-                    tier, self._trail, self._deadline,
-                    lambda: router._open_on(tier, tier_req, self._deadline),
-                )
-            except (RetryableError, CapacityError) as exc:
-                tier.health.in_flight -= 1
-                router._tier_failed(tier, exc, self._trail)
-                router._settle(tier, req, self._key, outcome, Usage(), self._trail, error=True)
-                continue
-            except FatalError:
-                tier.health.in_flight -= 1
-                tier.health.release_trial()
-                router._release(outcome)
-                continue
-            log.info("stream_resumed", from_tier=self._tier.name, to_tier=tier.name,
-                     cause=cause.message, prefix_chars=len(prefix))
-            self._req = req
-            self._tier, self._hold, self._opened = tier, outcome, opened
-            self._settled = False
-            self.tiers_used.append(tier.name)
-            return True
-        return False
-
-    async def aclose(self) -> None:
-        """Close the upstream (the client left, or the stream ended) and settle."""
-        if not self._settled:
-            await _aclose(self._opened.iterator)
-            self._settle_current(outcome="cancelled")
+        return OpenStream(iterator=it, held=held, started=started, ttft_s=time.monotonic() - started)

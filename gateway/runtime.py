@@ -18,7 +18,8 @@ import structlog
 from gateway.config import Config
 from gateway.health import TierHealth
 from gateway.accesslog import AccessLog
-from gateway.router import Router, Tier
+from gateway.router import Router
+from gateway.routing import Tier
 from gateway.tasks import BackgroundTasks
 from policies import FileOrder, Policy
 from providers.base import Provider

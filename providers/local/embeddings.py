@@ -11,7 +11,6 @@ size (this model was not trained to be truncated); anything else is a clear 400.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
