@@ -25,6 +25,7 @@ from aiohttp.web import BaseRequest, StreamResponse
 from gateway.logging import isatty, scrub_text
 
 FLUSH_S = 0.05
+CLIENT_CLOSED = 499
 
 
 
@@ -38,6 +39,9 @@ class Note:
     tier: str | None = None
     attempts: int | None = None
     usage: Any = None  # providers.schemas.Usage
+    # The client left before the answer was complete: logged as 499, nginx's "client
+    # closed request", whatever status line had already gone out.
+    client_gone: bool = False
 
 
 NOTE = web.RequestKey("tiergate_note", Note)
@@ -116,13 +120,15 @@ class AccessLog:
             cache_logger_on_first_use=True,
         )
 
-    def request(self, request: BaseRequest, response: StreamResponse, seconds: float) -> None:
+    def request(self, request: BaseRequest, status: int, seconds: float) -> None:
         note = request.get(NOTE)
         if note is None:
             return
         usage, key = note.usage, note.key
         path = request.path
-        if response.status == 404:  # not one of our routes: the client chose the text
+        if note.client_gone:
+            status = CLIENT_CLOSED
+        if status == 404:  # not one of our routes: the client chose the text
             path = scrub_text(path)
         self.logger.info(
             "request",
@@ -131,7 +137,7 @@ class AccessLog:
             request_id=scrub_text(note.request_id) if note.client_chose_id else note.request_id,
             method=request.method,
             path=path,
-            status=response.status,
+            status=status,
             tier=note.tier,
             attempts=note.attempts,
             latency_ms=round(seconds * 1000, 2),
@@ -155,4 +161,4 @@ class AccessLogger(AbstractAccessLogger):
         app = getattr(request, "app", None)  # absent for a request aiohttp could not parse
         access = app.get(ACCESS_LOG) if app is not None else None
         if access is not None:
-            access.request(request, response, time)
+            access.request(request, response.status, time)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -72,6 +73,7 @@ def edge(handler: Handler, *, auth: bool = True) -> Handler:
     ``gateway.accesslog`` once the response is sent."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
         note = _note(request)
         request[NOTE] = note
         try:
@@ -82,6 +84,12 @@ def edge(handler: Handler, *, auth: bool = True) -> Handler:
             resp = exc.response()
         except web.HTTPException as exc:
             resp = _http_exception(exc)
+        except asyncio.CancelledError:
+            # The client hung up (aiohttp cancels the handler) and aiohttp writes no
+            # access line for a cancelled handler: write it here.
+            note.client_gone = True
+            request.app[ACCESS_LOG].request(request, 0, time.monotonic() - started)
+            raise
         if not resp.prepared:
             resp.headers["x-request-id"] = note.request_id
         return resp
@@ -199,6 +207,10 @@ async def _stream(request: web.Request, rt: Runtime, req: Any, key: ApiKey | Non
             await resp.write(writer.usage(served.usage_total))
         await resp.write(writer.DONE)
         await resp.write_eof()
+    except ConnectionError:
+        # The client is gone: stop reading the upstream (finally) and let aiohttp
+        # finish; the access line says 499.
+        note.client_gone = True
     finally:
         await served.aclose()
         note.tier = "+".join(served.tiers_used)

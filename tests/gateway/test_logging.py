@@ -50,7 +50,6 @@ def test_json_lines_off_a_tty_for_structlog_and_stdlib_loggers():
 async def test_access_lines_are_json_buffered_briefly_and_scrubbed():
     import asyncio
 
-    from aiohttp import web
     from aiohttp.test_utils import make_mocked_request
 
     from gateway.accesslog import NOTE, AccessLog, Note
@@ -69,10 +68,10 @@ async def test_access_lines_are_json_buffered_briefly_and_scrubbed():
     served = make_mocked_request("POST", "/v1/chat/completions")
     served[NOTE] = Note("Bearer abcdefghijkl0123", client_chose_id=True, tier="local",
                         attempts=1, usage=Usage(7, 3))
-    access.request(served, web.Response(status=200), 0.0015)
+    access.request(served, 200, 0.0015)
     lost = make_mocked_request("GET", "/v1/x/sk-abcdefghijklmnop")
     lost[NOTE] = Note("0123abcd")
-    access.request(lost, web.Response(status=404), 0.0001)
+    access.request(lost, 404, 0.0001)
     assert stream.written() == b""  # buffered, not one write per line
     await asyncio.sleep(0.2)  # the flush timer
     first, second = (json.loads(ln) for ln in stream.written().decode().splitlines())
@@ -82,6 +81,6 @@ async def test_access_lines_are_json_buffered_briefly_and_scrubbed():
     assert "abcdefghijkl0123" not in first["request_id"]
     assert second["status"] == 404 and "sk-abcdefghijklmnop" not in second["path"]
     quiet = AccessLog("warning", "json", stream=stream)
-    quiet.request(served, web.Response(status=200), 0.001)
+    quiet.request(served, 200, 0.001)
     quiet.flush()
     assert stream.written().count(b"\n") == 2

@@ -189,27 +189,51 @@ async def test_cut_mid_stream_resumes_on_next_tier(make_daemon, upstreams):
     assert roles.count("assistant") == 1  # one role delta, not one per tier
 
 
+class AccessLines:
+    """Stands in for the access log's logger: keeps each line's fields."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict] = []
+
+    def info(self, event: str, **fields: object) -> None:
+        self.lines.append({"event": event, **fields})
+
+
 async def test_client_hangup_cancels_the_upstream(make_daemon, upstreams):
     a, _ = upstreams
     a.push(stall_after(2, 30))
     async with make_daemon() as d:
+        access = d.server.runtime.access_log.logger = AccessLines()
         async with d.post("/v1/chat/completions", json={**CHAT, "stream": True}) as r:
             assert r.status == 200
             await r.content.readline()
         # leaving the block closed our connection mid-stream
         assert await a.wait_disconnects(1) == 1
+        for _ in range(50):
+            if access.lines:
+                break
+            await asyncio.sleep(0.05)
+    # one access line, saying the client left
+    assert [line["status"] for line in access.lines] == [499]
+    assert access.lines[0]["tier"] == "first"
 
 
 async def test_slow_non_stream_client_hangup_cancels_the_upstream(make_daemon, upstreams):
     a, _ = upstreams
     a.push(delay(30))
     async with make_daemon() as d:
+        access = d.server.runtime.access_log.logger = AccessLines()
         with_timeout = d.post("/v1/chat/completions", json=CHAT)
         try:
             await asyncio.wait_for(with_timeout.__aenter__(), 0.5)
         except TimeoutError:
             pass
         assert await a.wait_disconnects(1) == 1
+        for _ in range(50):
+            if access.lines:
+                break
+            await asyncio.sleep(0.05)
+    assert [line["status"] for line in access.lines] == [499]
 
 
 async def test_circuit_opens_after_repeated_failures(make_daemon, upstreams):
