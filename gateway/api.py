@@ -68,7 +68,7 @@ def _authenticate(request: web.Request, rt: Runtime) -> ApiKey | None:
 
 def edge(handler: Handler, *, auth: bool = True) -> Handler:
     """Wrap a route's handler: request id, authentication (unless ``auth`` is off) and
-    OpenAI-style errors. A wrapper per route rather than an aiohttp middleware: the
+    OpenAI-style errors (the handler's own, a routing failure, a tier's client error). A wrapper per route rather than an aiohttp middleware: the
     middleware chain is rebuilt on every request. The access line is written by
     ``gateway.accesslog`` once the response is sent."""
 
@@ -82,6 +82,12 @@ def edge(handler: Handler, *, auth: bool = True) -> Handler:
             resp = await handler(request)
         except ApiError as exc:
             resp = exc.response()
+        except RoutingError as exc:
+            note.attempts = exc.attempts
+            resp = ApiError(exc.status, exc.message, code=exc.code, type_=exc.type,
+                            headers=exc.headers).response()
+        except FatalError as exc:  # the client's request at fault, as the tier said
+            resp = json_response(exc.body, status=exc.status or 400)
         except web.HTTPException as exc:
             resp = _http_exception(exc)
         except asyncio.CancelledError:
@@ -146,10 +152,6 @@ async def _json_body(request: web.Request, model: type[BaseModel]) -> tuple[Any,
     return parsed, raw
 
 
-def _routing_error(exc: RoutingError) -> ApiError:
-    return ApiError(exc.status, exc.message, code=exc.code, type_=exc.type, headers=exc.headers)
-
-
 def _deadline(rt: Runtime) -> float:
     return time.monotonic() + rt.config.server.request_timeout_s
 
@@ -162,15 +164,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = body.to_request(raw, rid)
     key = note.key
     completion_id = f"chatcmpl-{rid}"
-    try:
-        if req.stream:
-            return await _stream(request, rt, req, key, completion_id)
-        served = await rt.router.chat(req, key, _deadline(rt))
-    except RoutingError as exc:
-        note.attempts = exc.attempts
-        raise _routing_error(exc) from exc
-    except FatalError as exc:
-        return json_response(exc.body, status=exc.status or 400)
+    if req.stream:
+        return await _stream(request, rt, req, key, completion_id)
+    served = await rt.router.chat(req, key, _deadline(rt))
     note.tier, note.attempts, note.usage = served.tier, served.attempts, served.result.usage
     return json_response(
         completion_json(req, served.result, completion_id),
@@ -224,12 +220,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     body, raw = await _json_body(request, EmbeddingBody)
     note = request[NOTE]
     req = body.to_request(raw, note.request_id)
-    try:
-        served = await rt.router.embed(req, note.key, _deadline(rt))
-    except RoutingError as exc:
-        raise _routing_error(exc) from exc
-    except FatalError as exc:
-        return json_response(exc.body, status=exc.status or 400)
+    served = await rt.router.embed(req, note.key, _deadline(rt))
     note.tier, note.attempts, note.usage = served.tier, served.attempts, served.result.usage
     return json_response(
         embeddings_json(req, served.result),
