@@ -8,7 +8,9 @@ all in front of one zero-delay upstream and one redis-server, with the configura
 ``bench/overhead.py`` uses. Rounds alternate the order of targets; the table gives the
 median CPU time per request at 32 connections (from /proc, the steadiest figure on a
 shared machine) and the median p50 latency one request at a time. A working tree with
-uncommitted changes can be compared as the revision ``WORKTREE``.
+uncommitted changes can be compared as the revision ``WORKTREE``. A revision may carry
+environment variables for its daemon, ``REV+NAME=VALUE[+NAME=VALUE]``, to compare
+settings of one build: ``WORKTREE WORKTREE+PYTHONGC=off``.
 """
 
 from __future__ import annotations
@@ -67,7 +69,9 @@ def main() -> int:
                                       cwd=ROOT, env=env, stdout=subprocess.DEVNULL))
         targets = {"bare": (f"http://127.0.0.1:{bare_port}/v1/chat/completions", procs[-1].pid)}
         tiergate = shutil.which("tiergate", path=str(Path(sys.executable).parent)) or "tiergate"
-        for i, rev in enumerate(args.revs):
+        for i, spec in enumerate(args.revs):
+            rev, *settings = spec.split("+")
+            extra = dict(s.split("=", 1) for s in settings)
             src = extract(rev, work / f"rev{i}")
             port = ov.free_port()
             config = work / f"rev{i}.toml"
@@ -75,10 +79,12 @@ def main() -> int:
                                                     upstream=upstream, model=ov.MODEL))
             log = (work / f"rev{i}.log").open("wb")
             procs.append(subprocess.Popen([tiergate, "serve", "--config", str(config)], cwd=work,
-                                          env={**env, "PYTHONPATH": f"{src}:{ROOT}"}, stdout=log, stderr=log))
-            targets[rev] = (f"http://127.0.0.1:{port}/v1/chat/completions", procs[-1].pid)
+                                          env={**env, **extra, "PYTHONPATH": f"{src}:{ROOT}"}, stdout=log, stderr=log))
+            targets[spec] = (f"http://127.0.0.1:{port}/v1/chat/completions", procs[-1].pid)
         for url, _ in targets.values():
             ov.wait_http(url, ov.chat_body(False))
+        for url, pid in targets.values():  # warm-up, not counted: pools fill, caches settle
+            loadgen.run("warmup", url, 32, 1.0, pid)
         cpu: dict[str, list[float]] = {name: [] for name in targets}
         p50: dict[str, list[float]] = {name: [] for name in targets}
         for r in range(args.rounds):
@@ -87,9 +93,9 @@ def main() -> int:
                 url, pid = targets[name]
                 cpu[name].append(loadgen.run(name, url, 32, args.seconds, pid).cpu_us_per_request)
                 p50[name].append(loadgen.run(name, url, 1, args.seconds, pid).p50_ms)
-        print(f"{'target':12} {'cpu us/req @32':>15} {'p50 ms @1':>10}  rounds (cpu)")
+        print(f"{'target':28} {'cpu us/req @32':>15} {'p50 ms @1':>10}  rounds (cpu)")
         for name in targets:
-            print(f"{name:12} {statistics.median(cpu[name]):15.1f} {statistics.median(p50[name]):10.3f}"
+            print(f"{name:28} {statistics.median(cpu[name]):15.1f} {statistics.median(p50[name]):10.3f}"
                   f"  {[round(x) for x in cpu[name]]}")
     finally:
         for proc in procs:
