@@ -66,7 +66,6 @@ class _BufferedLines:
                 return
             self._scheduled = loop.call_later(self._flush_s, self.flush)
 
-    info = warning = error = critical = debug = msg
 
     def flush(self) -> None:
         if self._scheduled is not None:
@@ -103,26 +102,22 @@ class AccessLog:
         stream = stream or sys.stderr
         as_json = fmt == "json" or (fmt == "auto" and not isatty(stream))
         raw = getattr(stream, "buffer", None)
-        self._lines: _BufferedLines | None = None
+        self._enabled = getattr(logging, level.upper(), logging.INFO) <= logging.INFO
+        # Where rendered JSON lines go (``msg(bytes)``, ``flush()``); None on a TTY, where
+        # lines go through the ordinary structlog logger instead.
+        self.sink: _BufferedLines | None = None
         self._clock = _Clock()
-        if not as_json or raw is None:
-            self.logger: Any = structlog.get_logger("gateway.access")
-            return
-        self._lines = _BufferedLines(raw, flush_s)
-        # The line's fields are the server's own or scrubbed below, and its level and
-        # time are set here: the pipeline only renders (this runs once per request).
-        self.logger = structlog.wrap_logger(
-            self._lines,
-            processors=[structlog.processors.JSONRenderer(serializer=orjson.dumps)],
-            wrapper_class=structlog.make_filtering_bound_logger(
-                getattr(logging, level.upper(), logging.INFO)
-            ),
-            cache_logger_on_first_use=True,
-        )
+        self.logger: Any = structlog.get_logger("gateway.access")
+        # The line's fields are the server's own or scrubbed below, and its level and time
+        # are set here: of the pipeline only the renderer is left, called directly (this
+        # runs once per request).
+        self._render = structlog.processors.JSONRenderer(serializer=orjson.dumps)
+        if as_json and raw is not None:
+            self.sink = _BufferedLines(raw, flush_s)
 
     def request(self, request: BaseRequest, status: int, seconds: float) -> None:
         note = request.get(NOTE)
-        if note is None:
+        if note is None or not self._enabled:
             return
         usage, key = note.usage, note.key
         path = request.path
@@ -130,35 +125,35 @@ class AccessLog:
             status = CLIENT_CLOSED
         if status == 404:  # not one of our routes: the client chose the text
             path = scrub_text(path)
-        self.logger.info(
-            "request",
-            level="info",
-            timestamp=self._clock.now(),
-            request_id=scrub_text(note.request_id) if note.client_chose_id else note.request_id,
-            method=request.method,
-            path=path,
-            status=status,
-            tier=note.tier,
-            attempts=note.attempts,
-            latency_ms=round(seconds * 1000, 2),
-            prompt_tokens=usage.prompt_tokens if usage else None,
-            completion_tokens=usage.completion_tokens if usage else None,
-            key=key.name if key else None,
-        )
+        fields = {
+            "request_id": scrub_text(note.request_id) if note.client_chose_id else note.request_id,
+            "method": request.method,
+            "path": path,
+            "status": status,
+            "tier": note.tier,
+            "attempts": note.attempts,
+            "latency_ms": round(seconds * 1000, 2),
+            "prompt_tokens": usage.prompt_tokens if usage else None,
+            "completion_tokens": usage.completion_tokens if usage else None,
+            "key": key.name if key else None,
+        }
+        if self.sink is None:
+            self.logger.info("request", **fields)
+            return
+        self.sink.msg(self._render(None, "info", {
+            "event": "request", **fields, "level": "info", "timestamp": self._clock.now(),
+        }))
 
     def flush(self) -> None:
-        if self._lines is not None:
-            self._lines.flush()
-
-
-ACCESS_LOG = web.AppKey("tiergate_access_log", AccessLog)
+        if self.sink is not None:
+            self.sink.flush()
 
 
 class AccessLogger(AbstractAccessLogger):
-    """aiohttp's hook, called after each response; hands over to the app's AccessLog."""
+    """aiohttp's hook, called after each response. aiohttp builds it from the runner's
+    ``access_log`` argument, which is the runtime's ``AccessLog``."""
+
+    logger: AccessLog  # type: ignore[assignment]
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        app = getattr(request, "app", None)  # absent for a request aiohttp could not parse
-        access = app.get(ACCESS_LOG) if app is not None else None
-        if access is not None:
-            access.request(request, response.status, time)
+        self.logger.request(request, response.status, time)

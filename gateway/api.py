@@ -12,7 +12,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from gateway.accesslog import ACCESS_LOG, NOTE, Note
+from gateway.accesslog import NOTE, Note
 from gateway.errors import ApiError, json_response
 from gateway.routing import RoutingError, StreamBroken
 from gateway.runtime import Runtime
@@ -30,8 +30,8 @@ from tracking import ApiKey, LedgerUnavailableError
 log = structlog.get_logger(__name__)
 
 RUNTIME = web.AppKey("runtime", Runtime)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
+# A route's handler: the request, the daemon's runtime and the request's note.
+Handler = Callable[[web.Request, Runtime, Note], Awaitable[web.StreamResponse]]
 
 
 def _note(request: web.Request) -> Note:
@@ -48,10 +48,9 @@ def _on_unix_socket(request: web.Request) -> bool:
 
 def _authenticate(request: web.Request, rt: Runtime) -> ApiKey | None:
     """The caller's key, None when no key is needed; ApiError 401/403 otherwise."""
-    admin_path = request.path.startswith("/admin/")
-    trusted = _on_unix_socket(request) and rt.config.server.trust_unix_socket
-    if rt.keys.empty or trusted:
+    if rt.keys.empty or (rt.config.server.trust_unix_socket and _on_unix_socket(request)):
         return None
+    admin_path = request.path.startswith("/admin/")
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -66,7 +65,7 @@ def _authenticate(request: web.Request, rt: Runtime) -> ApiKey | None:
     return key
 
 
-def edge(handler: Handler, *, auth: bool = True) -> Handler:
+def edge(handler: Handler, rt: Runtime, *, auth: bool = True) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """Wrap a route's handler: request id, authentication (unless ``auth`` is off) and
     OpenAI-style errors (the handler's own, a routing failure, a tier's client error). A wrapper per route rather than an aiohttp middleware: the
     middleware chain is rebuilt on every request. The access line is written by
@@ -78,8 +77,8 @@ def edge(handler: Handler, *, auth: bool = True) -> Handler:
         request[NOTE] = note
         try:
             if auth:
-                note.key = _authenticate(request, request.app[RUNTIME])
-            resp = await handler(request)
+                note.key = _authenticate(request, rt)
+            resp = await handler(request, rt, note)
         except ApiError as exc:
             resp = exc.response()
         except RoutingError as exc:
@@ -94,7 +93,7 @@ def edge(handler: Handler, *, auth: bool = True) -> Handler:
             # The client hung up (aiohttp cancels the handler) and aiohttp writes no
             # access line for a cancelled handler: write it here.
             note.client_gone = True
-            request.app[ACCESS_LOG].request(request, 0, time.monotonic() - started)
+            rt.access_log.request(request, 0, time.monotonic() - started)
             raise
         if not resp.prepared:
             resp.headers["x-request-id"] = note.request_id
@@ -117,8 +116,7 @@ def _http_exception(exc: web.HTTPException) -> web.Response:
     return err.response()
 
 
-async def _json_body(request: web.Request, model: type[BaseModel]) -> tuple[Any, dict[str, Any]]:
-    rt = request.app[RUNTIME]
+async def _json_body(request: web.Request, rt: Runtime, model: type[BaseModel]) -> tuple[Any, dict[str, Any]]:
     limit = rt.config.server.max_body_bytes
     ctype = request.content_type
     if ctype != "application/json" and not ctype.endswith("+json"):
@@ -156,16 +154,14 @@ def _deadline(rt: Runtime) -> float:
     return time.monotonic() + rt.config.server.request_timeout_s
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    rt = request.app[RUNTIME]
-    body, raw = await _json_body(request, ChatCompletionBody)
-    note = request[NOTE]
+async def chat_completions(request: web.Request, rt: Runtime, note: Note) -> web.StreamResponse:
+    body, raw = await _json_body(request, rt, ChatCompletionBody)
     rid = note.request_id
     req = body.to_request(raw, rid)
     key = note.key
     completion_id = f"chatcmpl-{rid}"
     if req.stream:
-        return await _stream(request, rt, req, key, completion_id)
+        return await _stream(request, rt, note, req, key, completion_id)
     served = await rt.router.chat(req, key, _deadline(rt))
     note.tier, note.attempts, note.usage = served.tier, served.attempts, served.result.usage
     return json_response(
@@ -174,7 +170,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     )
 
 
-async def _stream(request: web.Request, rt: Runtime, req: Any, key: ApiKey | None,
+async def _stream(request: web.Request, rt: Runtime, note: Note, req: Any, key: ApiKey | None,
                   completion_id: str) -> web.StreamResponse:
     served = await rt.router.open_stream(req, key, _deadline(rt))
     writer = ChunkWriter(req, completion_id)
@@ -184,10 +180,9 @@ async def _stream(request: web.Request, rt: Runtime, req: Any, key: ApiKey | Non
             "Cache-Control": "no-cache",
             "x-tiergate-tier": served.tier,
             "x-tiergate-attempts": str(served.attempts),
-            "x-request-id": request[NOTE].request_id,
+            "x-request-id": note.request_id,
         }
     )
-    note = request[NOTE]
     note.tier = served.tier
     try:
         await resp.prepare(request)
@@ -215,10 +210,8 @@ async def _stream(request: web.Request, rt: Runtime, req: Any, key: ApiKey | Non
     return resp
 
 
-async def embeddings(request: web.Request) -> web.StreamResponse:
-    rt = request.app[RUNTIME]
-    body, raw = await _json_body(request, EmbeddingBody)
-    note = request[NOTE]
+async def embeddings(request: web.Request, rt: Runtime, note: Note) -> web.StreamResponse:
+    body, raw = await _json_body(request, rt, EmbeddingBody)
     req = body.to_request(raw, note.request_id)
     served = await rt.router.embed(req, note.key, _deadline(rt))
     note.tier, note.attempts, note.usage = served.tier, served.attempts, served.result.usage
@@ -228,9 +221,8 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     )
 
 
-async def list_models(request: web.Request) -> web.StreamResponse:
-    rt = request.app[RUNTIME]
-    key: ApiKey | None = request[NOTE].key
+async def list_models(request: web.Request, rt: Runtime, note: Note) -> web.StreamResponse:
+    key: ApiKey | None = note.key
     created = int(rt.started_at)
     data = []
     for task in ("chat", "embeddings"):
@@ -240,17 +232,16 @@ async def list_models(request: web.Request) -> web.StreamResponse:
     return json_response({"object": "list", "data": data})
 
 
-async def healthz(request: web.Request) -> web.StreamResponse:
+async def healthz(request: web.Request, rt: Runtime, note: Note) -> web.StreamResponse:
     return json_response({"status": "ok"})
 
 
-async def readyz(request: web.Request) -> web.StreamResponse:
-    ready, body = request.app[RUNTIME].readiness()
+async def readyz(request: web.Request, rt: Runtime, note: Note) -> web.StreamResponse:
+    ready, body = rt.readiness()
     return json_response(body, status=200 if ready else 503)
 
 
-async def admin_usage(request: web.Request) -> web.StreamResponse:
-    rt = request.app[RUNTIME]
+async def admin_usage(request: web.Request, rt: Runtime, note: Note) -> web.StreamResponse:
     day = request.query.get("day")
     month = request.query.get("month")
     try:
@@ -262,7 +253,7 @@ async def admin_usage(request: web.Request) -> web.StreamResponse:
     return json_response(report)
 
 
-async def unrouted(request: web.Request) -> web.StreamResponse:
+async def unrouted(request: web.Request, rt: Runtime, note: Note) -> web.StreamResponse:
     """Every path and method no route takes: an OpenAI-style 404 or 405."""
     methods = sorted(m for path, m in (r[:2][::-1] for r in ROUTES) if path == request.path)
     if methods:
@@ -285,8 +276,7 @@ ROUTES: list[tuple[str, str, Handler, bool]] = [
 def build_app(rt: Runtime) -> web.Application:
     app = web.Application(client_max_size=rt.config.server.max_body_bytes)
     app[RUNTIME] = rt
-    app[ACCESS_LOG] = rt.access_log
     for method, path, handler, auth in ROUTES:
-        app.router.add_route(method, path, edge(handler, auth=auth))
-    app.router.add_route("*", "/{tail:.*}", edge(unrouted, auth=False))
+        app.router.add_route(method, path, edge(handler, rt, auth=auth))
+    app.router.add_route("*", "/{tail:.*}", edge(unrouted, rt, auth=False))
     return app

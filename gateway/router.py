@@ -35,7 +35,7 @@ from gateway.routing import (
     Trail,
     estimate_prompt_tokens,
 )
-from gateway.streaming import OpenStream, ServedStream, aclose_quietly, meaningful
+from gateway.streaming import OpenStream, ServedStream, aclose_quietly, meaningful, stream_call
 from gateway.tasks import BackgroundTasks
 from policies.base import Policy, TierView
 from policies.file_order import FileOrder
@@ -52,7 +52,18 @@ from tracking import ApiKey, Hold, HoldRequest, Ledger, PriceTable, Refusal, Usa
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
-R = TypeVar("R")
+
+# One attempt on a tier, per kind of request: a plain function of (router, tier, request,
+# deadline) rather than a closure, so nothing is built per request to make the call.
+Call = Callable[["Router", Tier, Any, float], Awaitable[Any]]
+
+
+def _chat_call(router: Router, tier: Tier, req: ChatRequest, deadline: float) -> Awaitable[ChatResult]:
+    return tier.provider.chat(req)
+
+
+def _embed_call(router: Router, tier: Tier, req: EmbeddingRequest, deadline: float) -> Awaitable[EmbeddingResult]:
+    return tier.provider.embed(req)
 
 __all__ = ["Router"]
 
@@ -74,13 +85,11 @@ class Router:
         self.ledger = ledger
         self.prices = prices
         self.background = background
-        self._priced = frozenset(t.name for t in tiers if prices.is_priced(t.name))
+        for t in tiers:
+            t.priced = prices.is_priced(t.name)
         self._file_order = type(policy) is FileOrder
         # (task, public model name) -> the tiers that answer it, in file order.
         self._answering: dict[tuple[str, str], list[Tier]] = {}
-
-    def _is_priced(self, tier: Tier) -> bool:
-        return tier.name in self._priced
 
     # -- choosing -------------------------------------------------------------------
 
@@ -166,23 +175,27 @@ class Router:
 
     def _bounded(self, req: ChatRequest, tier: Tier) -> ChatRequest:
         """A priced tier never runs without an output cap: the hold assumed one."""
-        if req.max_tokens is not None or not self._is_priced(tier):
+        if req.max_tokens is not None or not tier.priced:
             return req
         cap = tier.cfg.max_output_tokens
         body = dict(req.body)
         body["max_tokens"] = cap
         return req.replace(max_tokens=cap, body=body)
 
+    @staticmethod
+    def _first_to_hold(ranked: list[Tier]) -> Tier | None:
+        """The first ranked tier when it is priced and may be called: its hold goes in
+        the admission call."""
+        first = ranked[0] if ranked else None
+        if first is not None and first.priced and first.health.state != "open":
+            return first
+        return None
+
     async def _admit(
-        self, req: ChatRequest, ranked: list[Tier], key: ApiKey | None, trail: Trail
+        self, req: ChatRequest, first: Tier | None, key: ApiKey | None, trail: Trail
     ) -> Hold | Refusal | None:
         """Rate limits and the first priced tier's hold, in one ledger round trip."""
-        first = ranked[0] if ranked else None
-        hold_req = None
-        if first is not None and self._is_priced(first) and first.health.state != "open":
-            hold_req = self._hold_request(req, first, key)
-        if hold_req is None and (key is None or not key.has_rate_limits):
-            return None  # nothing to check: no ledger call at all
+        hold_req = self._hold_request(req, first, key) if first is not None else None
         tokens = estimate_prompt_tokens(req) + (req.max_tokens or 0)
         admission = await self.ledger.admit(key=key, tokens=tokens, hold=hold_req)
         if key is not None and key.tpm is not None:
@@ -208,7 +221,7 @@ class Router:
         first_outcome: Hold | Refusal | None,
         is_first: bool,
     ) -> Hold | Refusal | None:
-        if not self._is_priced(tier):
+        if not tier.priced:
             return None
         if is_first and first_outcome is not None:
             return first_outcome
@@ -226,7 +239,7 @@ class Router:
         error: bool = False,
     ) -> None:
         cost = 0
-        if self._is_priced(tier):
+        if tier.priced:
             cost = self.prices.cost_micros(
                 tier.name, tier.cfg.model, usage.prompt_tokens, usage.completion_tokens
             )
@@ -282,13 +295,9 @@ class Router:
         )
 
     async def _call_with_retries(
-        self,
-        tier: Tier,
-        trail: Trail,
-        deadline: float,
-        call: Callable[[], Awaitable[T]],
-    ) -> T:
-        """``call()`` on one tier, retried while retryable and time remains.
+        self, tier: Tier, trail: Trail, deadline: float, call: Call, req: Any
+    ) -> Any:
+        """``call(self, tier, req, deadline)``, retried while retryable and time remains.
 
         The first try runs before any tenacity machinery is built (most calls succeed at
         once, and building it costs more than a call to a loopback upstream). Its
@@ -296,7 +305,7 @@ class Router:
         (retry or not, wait, stop) is the one tenacity makes.
         """
         try:
-            return await self._try_once(tier, trail, deadline, call)
+            return await self._try_once(tier, trail, deadline, call, req)
         except RetryableError as exc:
             first_failure: RetryableError | None = exc
         async for attempt in self._retrying(deadline):
@@ -304,24 +313,24 @@ class Router:
                 if first_failure is not None:
                     failure, first_failure = first_failure, None
                     raise failure
-                return await self._try_once(tier, trail, deadline, call)
+                return await self._try_once(tier, trail, deadline, call, req)
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
     async def _try_once(
-        self,
-        tier: Tier,
-        trail: Trail,
-        deadline: float,
-        call: Callable[[], Awaitable[T]],
-    ) -> T:
+        self, tier: Tier, trail: Trail, deadline: float, call: Call, req: Any
+    ) -> Any:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise RetryableError("request deadline passed", tier=tier.name)
         trail.attempts += 1
-        timeout = min(tier.cfg.timeout_s, remaining)
+        timeout = tier.cfg.timeout_s
+        if tier.self_timed and timeout <= remaining:
+            # The tier's own timeout ends the call before the deadline: no second timer.
+            return await call(self, tier, req, deadline)
+        timeout = min(timeout, remaining)
         try:
             async with asyncio.timeout(timeout):
-                return await call()
+                return await call(self, tier, req, deadline)
         except TimeoutError as exc:
             if tier.cfg.kind == "local":
                 # The same generation would run out of time again: move on, don't retry.
@@ -338,16 +347,18 @@ class Router:
         key: ApiKey | None,
         deadline: float,
         task: str,
-        run: Callable[[Tier, Any, Trail], Awaitable[T]],
+        call: Call,
         original: Any,
-        on_success: Callable[[Tier, Hold | None, T, Trail, list[Tier]], R],
-    ) -> R:
-        """Try ranked tiers until ``run`` succeeds on one; ``on_success`` takes over the
-        tier's in-flight count and hold from there."""
-        tiers = self.candidates(req.model, key, task)
-        ranked = self._ranked(req, tiers)
+    ) -> tuple[Tier, Hold | None, Any, Trail, list[Tier]]:
+        """Try ranked tiers until ``call`` succeeds on one. Returns the tier, its hold,
+        the result, the trail and the tiers ranked after it; the caller takes over the
+        tier's in-flight count and the hold from there."""
+        ranked = self._ranked(req, self.candidates(req.model, key, task))
         trail = Trail()
-        first_outcome = await self._admit(req, ranked, key, trail)
+        first = self._first_to_hold(ranked)
+        first_outcome = None
+        if first is not None or (key is not None and key.has_rate_limits):
+            first_outcome = await self._admit(req, first, key, trail)
         for i, tier in enumerate(ranked):
             if not tier.provider.ready:
                 trail.failures.append(f"{tier.name}: not ready")
@@ -355,15 +366,17 @@ class Router:
             if not tier.health.allow():
                 trail.failures.append(f"{tier.name}: circuit open")
                 continue
-            outcome = await self._hold_for(req, tier, key, first_outcome, i == 0)
-            if isinstance(outcome, Refusal):
-                trail.refusals.append(outcome)  # the ledger logged it
-                tier.health.release_trial()
-                continue
+            outcome = None
+            if tier.priced:
+                outcome = await self._hold_for(req, tier, key, first_outcome, i == 0)
+                if isinstance(outcome, Refusal):
+                    trail.refusals.append(outcome)  # the ledger logged it
+                    tier.health.release_trial()
+                    continue
             tier_req = self._bounded(req, tier) if task == "chat" else original
             tier.health.in_flight += 1
             try:
-                result = await run(tier, tier_req, trail)
+                result = await self._call_with_retries(tier, trail, deadline, call, tier_req)
             except (RetryableError, CapacityError) as exc:
                 tier.health.in_flight -= 1
                 self._tier_failed(tier, exc, trail)
@@ -374,7 +387,7 @@ class Router:
                 tier.health.release_trial()
                 self._release(outcome)
                 raise
-            return on_success(tier, outcome, result, trail, ranked[i + 1 :])
+            return tier, outcome, result, trail, ranked[i + 1 :]
         raise self._exhausted(req, trail)
 
     def _tier_failed(self, tier: Tier, exc: ProviderError, trail: Trail) -> None:
@@ -409,25 +422,23 @@ class Router:
             attempts=trail.attempts,
         )
 
-    def _whole_answer(
-        self, req: ChatRequest, key: ApiKey | None, started: float
-    ) -> Callable[[Tier, Hold | None, Any, Trail, list[Tier]], Served[Any]]:
-        def done(tier: Tier, hold: Hold | None, result: Any, trail: Trail, _rest: list[Tier]) -> Served[Any]:
-            tier.health.in_flight -= 1
-            tier.health.record_success(ttft_s=time.monotonic() - started)
-            self._settle(tier, req, key, hold, result.usage, trail)
-            return Served(result=result, tier=tier.name, attempts=trail.attempts)
-
-        return done
+    def _answered(
+        self, req: ChatRequest, key: ApiKey | None, started: float,
+        walked: tuple[Tier, Hold | None, Any, Trail, list[Tier]],
+    ) -> Served[Any]:
+        tier, hold, result, trail, _ = walked
+        health = tier.health
+        health.in_flight -= 1
+        health.record_success(ttft_s=time.monotonic() - started)
+        self._settle(tier, req, key, hold, result.usage, trail)
+        return Served(result=result, tier=tier.name, attempts=trail.attempts)
 
     # -- chat and embeddings ------------------------------------------------------------
 
     async def chat(self, req: ChatRequest, key: ApiKey | None, deadline: float) -> Served[ChatResult]:
-        async def run(tier: Tier, r: ChatRequest, trail: Trail) -> ChatResult:
-            return await self._call_with_retries(tier, trail, deadline, lambda: tier.provider.chat(r))
-
         started = time.monotonic()
-        return await self._walk(req, key, deadline, "chat", run, req, self._whole_answer(req, key, started))
+        walked = await self._walk(req, key, deadline, "chat", _chat_call, req)
+        return self._answered(req, key, started, walked)
 
     async def embed(
         self, req: EmbeddingRequest, key: ApiKey | None, deadline: float
@@ -439,14 +450,9 @@ class Router:
             max_tokens=0,
             request_id=req.request_id,
         )
-
-        async def run(tier: Tier, r: EmbeddingRequest, trail: Trail) -> EmbeddingResult:
-            return await self._call_with_retries(tier, trail, deadline, lambda: tier.provider.embed(r))
-
         started = time.monotonic()
-        return await self._walk(
-            as_chat, key, deadline, "embeddings", run, req, self._whole_answer(as_chat, key, started)
-        )
+        walked = await self._walk(as_chat, key, deadline, "embeddings", _embed_call, req)
+        return self._answered(as_chat, key, started, walked)
 
     # -- streams ------------------------------------------------------------------------
 
@@ -456,19 +462,11 @@ class Router:
         """Return once a tier produced its first meaningful chunk (failures before that
         are invisible); the rest of the stream is read from the returned object, which
         settles usage when it ends."""
-
-        async def run(tier: Tier, r: ChatRequest, trail: Trail) -> OpenStream:
-            return await self._call_with_retries(
-                tier, trail, deadline, lambda: self._open_on(tier, r, deadline)
-            )
-
-        def opened(tier: Tier, hold: Hold | None, stream: OpenStream, trail: Trail, rest: list[Tier]) -> ServedStream:
-            return ServedStream(
-                router=self, req=req, key=key, deadline=deadline, trail=trail,
-                tier=tier, hold=hold, opened=stream, remaining=rest,
-            )
-
-        return await self._walk(req, key, deadline, "chat", run, req, opened)
+        tier, hold, stream, trail, rest = await self._walk(req, key, deadline, "chat", stream_call, req)
+        return ServedStream(
+            router=self, req=req, key=key, deadline=deadline, trail=trail,
+            tier=tier, hold=hold, opened=stream, remaining=rest,
+        )
 
     async def _open_on(self, tier: Tier, req: ChatRequest, deadline: float) -> OpenStream:
         """Start a stream and read up to its first meaningful chunk (role-only deltas are

@@ -53,10 +53,15 @@ class Tier:
     provider: Provider
     health: TierHealth
     position: int
+    # Set by the router: the tier costs money (calls need a budget hold), and whether
+    # its provider bounds each call by ``cfg.timeout_s`` itself.
+    priced: bool = False
+    name: str = field(init=False)
+    self_timed: bool = field(init=False)
 
-    @property
-    def name(self) -> str:
-        return self.cfg.name
+    def __post_init__(self) -> None:
+        self.name = self.cfg.name
+        self.self_timed = self.provider.capabilities.self_timed
 
 
 @dataclass

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import logging
 import os
 import signal
 import socket
@@ -101,10 +100,10 @@ class Server:
         self.runner = web.AppRunner(
             app,
             handler_cancellation=True,
-            # Our AccessLogger writes the line once the response is sent; aiohttp wants
-            # a stdlib logger here to switch it on, and never uses it.
+            # aiohttp hands ``access_log`` to ``access_log_class``: our AccessLogger gets
+            # the runtime's AccessLog and writes the line once the response is sent.
             access_log_class=AccessLogger,
-            access_log=logging.getLogger("tiergate.access") if self.config.server.access_log else None,
+            access_log=rt.access_log if self.config.server.access_log else None,  # type: ignore[arg-type]
             shutdown_timeout=self.config.server.drain_timeout_s,
         )
         await self.runner.setup()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,11 @@ async def aclose_quietly(it: AsyncIterator[Any]) -> None:
             await close()
         except Exception as exc:  # a broken upstream may fail while closing; note it, go on
             log.debug("stream_close_failed", error=repr(exc))
+
+
+def stream_call(router: Router, tier: Tier, req: ChatRequest, deadline: float) -> Awaitable[OpenStream]:
+    """The router's attempt to open a stream on ``tier`` (see ``Router._open_on``)."""
+    return router._open_on(tier, req, deadline)
 
 
 class ServedStream:
@@ -214,8 +219,7 @@ class ServedStream:
             tier.health.in_flight += 1
             try:
                 opened = await router._call_with_retries(
-                    tier, self._trail, self._deadline,
-                    lambda: router._open_on(tier, tier_req, self._deadline),
+                    tier, self._trail, self._deadline, stream_call, tier_req
                 )
             except (RetryableError, CapacityError) as exc:
                 tier.health.in_flight -= 1

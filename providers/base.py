@@ -34,6 +34,10 @@ class Capabilities:
     # Can continue a final assistant message (ChatRequest.assistant_prefix): lets the
     # router's stream_failover = "resume" land on this tier.
     resume: bool = False
+    # Every call ends within the tier's ``timeout_s`` on its own (a remote tier's HTTP
+    # session carries that timeout): the router adds no timer of its own unless the
+    # request's deadline is nearer.
+    self_timed: bool = False
 
 
 @runtime_checkable

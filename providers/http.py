@@ -38,16 +38,17 @@ _MAX_MESSAGE_CHARS = 2000
 
 
 def client_timeout(cfg: TierConfig) -> aiohttp.ClientTimeout:
-    """Connect fast, read as long as the tier's overall cap allows.
+    """Connect fast; the whole call, body read included, within the tier's ``timeout_s``.
 
-    The router enforces the request deadline and first-token / inter-token timeouts; this
-    is only the backstop so that no socket waits forever.
+    The router relies on this bound (``Capabilities.self_timed``) and adds its own timer
+    only when the request's deadline is nearer; it enforces first-token and inter-token
+    timeouts itself. No per-read timeout: ``total`` already bounds every read, and a
+    per-read timer would be re-armed on every packet.
     """
     return aiohttp.ClientTimeout(
         total=cfg.timeout_s,
         connect=cfg.connect_timeout_s,
         sock_connect=cfg.connect_timeout_s,
-        sock_read=cfg.timeout_s,
     )
 
 

@@ -24,7 +24,6 @@ from providers.http import (
     TRANSPORT_ERRORS,
     auth_headers,
     create_session,
-    decode_json,
     error_from_payload,
     read_error_payload,
     transport_error,
@@ -94,11 +93,13 @@ class OpenAICompatProvider:
         self.name = cfg.name
         self._api_key = api_key
         self.api_root = self._api_root(cfg)
+        self._chat_url = self.url("chat/completions")
         self.capabilities = Capabilities(
             chat=cfg.task == "chat",
             stream=cfg.task == "chat",
             embeddings=cfg.task == "embeddings",
             resume=cfg.can_resume,
+            self_timed=True,  # the session's ClientTimeout(total=timeout_s)
         )
         self._session: aiohttp.ClientSession | None = None
         self._usage_missing_logged = False
@@ -202,41 +203,42 @@ class OpenAICompatProvider:
         The same as ``request`` then ``read``, written out: this is every non-streamed
         call's path, and the context-manager generator costs more than the rest here.
         """
-        if self._session is None:
+        session = self._session
+        if session is None:
             raise RetryableError("tier not started", tier=self.name)
         try:
-            async with self._session.post(url, data=orjson.dumps(body), headers=JSON_HEADERS) as resp:
-                await self._raise_for_status(resp)
+            async with session.post(url, data=orjson.dumps(body), headers=JSON_HEADERS) as resp:
+                if resp.status >= 400:
+                    payload = await read_error_payload(resp, tier=self.name)
+                    raise self.upstream_error(resp.status, resp.headers, payload)
                 raw = await resp.read()
         except TRANSPORT_ERRORS as exc:
             raise transport_error(exc, tier=self.name, secret=self._api_key) from exc
-        payload = decode_json(raw)
-        if payload is None:
-            raise RetryableError("upstream answered with invalid JSON", tier=self.name)
-        if isinstance(payload, dict) and payload.get("error") is not None:
+        try:
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise RetryableError("upstream answered with invalid JSON", tier=self.name) from None
+        if type(payload) is dict and payload.get("error") is not None:
             raise stream_error(payload, tier=self.name, secret=self._api_key)
         return payload
 
     async def chat(self, req: ChatRequest) -> ChatResult:
-        payload = await self.post_json(self.url("chat/completions"), self.chat_body(req, stream=False))
-        raw_choices = payload.get("choices") if isinstance(payload, dict) else None
-        if not raw_choices:
+        payload = await self.post_json(self._chat_url, self.chat_body(req, stream=False))
+        raw_choices = payload.get("choices") if type(payload) is dict else None
+        if not raw_choices or type(raw_choices) is not list:
             raise RetryableError("upstream answered with no choices", tier=self.name)
-        choices = tuple(
-            ChatChoice(
-                index=c.get("index", i),
-                message=c.get("message") or {},
-                finish_reason=c.get("finish_reason"),
-                logprobs=c.get("logprobs"),
-            )
-            for i, c in enumerate(raw_choices)
-        )
+        choices = []
+        for i, c in enumerate(raw_choices):
+            if type(c) is not dict:
+                raise RetryableError("upstream answered with a malformed choice", tier=self.name)
+            choices.append(ChatChoice(c.get("index", i), c.get("message") or {},
+                                      c.get("finish_reason"), c.get("logprobs")))
         usage = usage_from(payload.get("usage"))
         if usage is None:
             self._note_usage_missing()
             usage = Usage(0, 0)
         return ChatResult(
-            choices=choices,
+            choices=tuple(choices),
             usage=usage,
             model=payload.get("model") or "",
             system_fingerprint=payload.get("system_fingerprint"),
@@ -249,7 +251,7 @@ class OpenAICompatProvider:
         the upstream connection, so the upstream sees the client leave and stops.
         """
         body = self.chat_body(req, stream=True)
-        async with self.request("POST", self.url("chat/completions"), json=body) as resp:
+        async with self.request("POST", self._chat_url, json=body) as resp:
             finished = False
             try:
                 async for payload in iter_openai_payloads(

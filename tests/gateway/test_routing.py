@@ -190,20 +190,23 @@ async def test_cut_mid_stream_resumes_on_next_tier(make_daemon, upstreams):
 
 
 class AccessLines:
-    """Stands in for the access log's logger: keeps each line's fields."""
+    """Stands in for the access log's sink: keeps each rendered line's fields."""
 
     def __init__(self) -> None:
         self.lines: list[dict] = []
 
-    def info(self, event: str, **fields: object) -> None:
-        self.lines.append({"event": event, **fields})
+    def msg(self, line: bytes) -> None:
+        self.lines.append(json.loads(line))
+
+    def flush(self) -> None:
+        pass
 
 
 async def test_client_hangup_cancels_the_upstream(make_daemon, upstreams):
     a, _ = upstreams
     a.push(stall_after(2, 30))
     async with make_daemon() as d:
-        access = d.server.runtime.access_log.logger = AccessLines()
+        access = d.server.runtime.access_log.sink = AccessLines()
         async with d.post("/v1/chat/completions", json={**CHAT, "stream": True}) as r:
             assert r.status == 200
             await r.content.readline()
@@ -222,7 +225,7 @@ async def test_slow_non_stream_client_hangup_cancels_the_upstream(make_daemon, u
     a, _ = upstreams
     a.push(delay(30))
     async with make_daemon() as d:
-        access = d.server.runtime.access_log.logger = AccessLines()
+        access = d.server.runtime.access_log.sink = AccessLines()
         with_timeout = d.post("/v1/chat/completions", json=CHAT)
         try:
             await asyncio.wait_for(with_timeout.__aenter__(), 0.5)
