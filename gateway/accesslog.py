@@ -48,17 +48,24 @@ NOTE = web.RequestKey("tiergate_note", Note)
 
 
 class _BufferedLines:
-    """A structlog logger that appends rendered lines to a byte stream and flushes it
-    on a short timer instead of after every line."""
+    """Collects rendered lines and writes them to a byte stream as one write per batch:
+    every ``flush_s`` (and at shutdown), or at once when ``MAX_PENDING_BYTES`` pile up."""
+
+    MAX_PENDING_BYTES = 256 * 1024
 
     def __init__(self, stream: Any, flush_s: float) -> None:
         self._stream = stream
         self._flush_s = flush_s
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._scheduled: asyncio.TimerHandle | None = None
 
     def msg(self, line: bytes) -> None:
-        self._stream.write(line + b"\n")
-        if self._scheduled is None:
+        self._pending.append(line)
+        self._pending_bytes += len(line)
+        if self._pending_bytes >= self.MAX_PENDING_BYTES:
+            self.flush()
+        elif self._scheduled is None:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
@@ -66,15 +73,18 @@ class _BufferedLines:
                 return
             self._scheduled = loop.call_later(self._flush_s, self.flush)
 
-
     def flush(self) -> None:
         if self._scheduled is not None:
             self._scheduled.cancel()
             self._scheduled = None
+        if not self._pending:
+            return
+        lines, self._pending, self._pending_bytes = self._pending, [], 0
         try:
+            self._stream.write(b"\n".join(lines) + b"\n")
             self._stream.flush()
         except (OSError, ValueError) as exc:  # a closed or broken log stream
-            print(f"access log flush failed: {exc!r}", file=sys.stderr)
+            print(f"access log write failed, {len(lines)} lines lost: {exc!r}", file=sys.stderr)
 
 
 class _Clock:

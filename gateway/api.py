@@ -3,29 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from gateway.accesslog import NOTE, Note
 from gateway.errors import ApiError, json_response
 from gateway.routing import RoutingError, StreamBroken
 from gateway.runtime import Runtime
 from gateway.wire import (
-    ChatCompletionBody,
+    CHAT_BODY,
+    EMBEDDING_BODY,
     ChunkWriter,
-    EmbeddingBody,
+    chat_request,
     completion_json,
+    embedding_request,
     embeddings_json,
     loads,
 )
 from providers.errors import FatalError
-from tracking import ApiKey, LedgerUnavailableError
+from tracking import ApiKey, LedgerUnavailableError, new_event_id
 
 log = structlog.get_logger(__name__)
 
@@ -38,7 +39,7 @@ def _note(request: web.Request) -> Note:
     given = request.headers.get("x-request-id", "")
     if 0 < len(given) <= 128 and given.isascii() and given.isprintable():
         return Note(given, client_chose_id=True)
-    return Note(os.urandom(16).hex())
+    return Note(new_event_id())  # unique, 32 hex digits, no system call
 
 
 def _on_unix_socket(request: web.Request) -> bool:
@@ -116,7 +117,8 @@ def _http_exception(exc: web.HTTPException) -> web.Response:
     return err.response()
 
 
-async def _json_body(request: web.Request, rt: Runtime, model: type[BaseModel]) -> tuple[Any, dict[str, Any]]:
+async def _json_body(request: web.Request, rt: Runtime, schema: TypeAdapter[Any]) -> tuple[Any, dict[str, Any]]:
+    """The body validated by ``schema`` (the known fields) and the raw JSON object."""
     limit = rt.config.server.max_body_bytes
     ctype = request.content_type
     if ctype != "application/json" and not ctype.endswith("+json"):
@@ -137,7 +139,7 @@ async def _json_body(request: web.Request, rt: Runtime, model: type[BaseModel]) 
     if not isinstance(raw, dict):
         raise ApiError(400, "Request body must be a JSON object.", code="invalid_json")
     try:
-        parsed = model.model_validate(raw)
+        parsed = schema.validate_python(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
@@ -155,9 +157,9 @@ def _deadline(rt: Runtime) -> float:
 
 
 async def chat_completions(request: web.Request, rt: Runtime, note: Note) -> web.StreamResponse:
-    body, raw = await _json_body(request, rt, ChatCompletionBody)
+    body, raw = await _json_body(request, rt, CHAT_BODY)
     rid = note.request_id
-    req = body.to_request(raw, rid)
+    req = chat_request(body, raw, rid)
     key = note.key
     completion_id = f"chatcmpl-{rid}"
     if req.stream:
@@ -211,8 +213,8 @@ async def _stream(request: web.Request, rt: Runtime, note: Note, req: Any, key: 
 
 
 async def embeddings(request: web.Request, rt: Runtime, note: Note) -> web.StreamResponse:
-    body, raw = await _json_body(request, rt, EmbeddingBody)
-    req = body.to_request(raw, note.request_id)
+    body, raw = await _json_body(request, rt, EMBEDDING_BODY)
+    req = embedding_request(body, raw, note.request_id)
     served = await rt.router.embed(req, note.key, _deadline(rt))
     note.tier, note.attempts, note.usage = served.tier, served.attempts, served.result.usage
     return json_response(

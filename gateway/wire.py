@@ -12,10 +12,11 @@ import base64
 import struct
 import time
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, TypeAdapter
+from typing_extensions import Required, TypedDict
 
 from providers.schemas import (
     ChatChunk,
@@ -30,126 +31,129 @@ dumps = orjson.dumps  # compact UTF-8 JSON, as bytes
 loads = orjson.loads
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: str | None = None
-
-    @model_validator(mode="after")
-    def _content_required(self) -> Message:
-        if self.content is None and self.role != "assistant":
-            raise ValueError(f"a {self.role} message needs content")
-        if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("a tool message needs tool_call_id")
-        return self
+# Request bodies are TypedDicts validated by a TypeAdapter: pydantic checks every known
+# field's type and range and returns a plain dict of the known fields, without building a
+# model instance per request and per message (several times cheaper on the hot path).
+# Unknown fields are ignored here; the raw body keeps them for the tiers.
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    include_usage: bool = False
-
-
-class ChatCompletionBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    model: str = Field(min_length=1)
-    messages: list[Message] = Field(min_length=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    n: int = Field(1, ge=1, le=128)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
-    user: str | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(v, list) and len(v) > 16:
-            raise ValueError("at most 16 stop sequences")
-        return v
-
-    @field_validator("tools")
-    @classmethod
-    def _check_tools(cls, v: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        for i, tool in enumerate(v or ()):
-            fn = tool.get("function")
-            if tool.get("type", "function") != "function" or not isinstance(fn, dict) or not fn.get("name"):
-                raise ValueError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}")
-        return v
-
-    def to_request(self, raw: dict[str, Any], request_id: str) -> ChatRequest:
-        stop: tuple[str, ...] = ()
-        if isinstance(self.stop, str):
-            stop = (self.stop,)
-        elif self.stop:
-            stop = tuple(self.stop)
-        return ChatRequest(
-            model=self.model,
-            messages=tuple(raw["messages"]),
-            body=raw,
-            stream=self.stream,
-            include_usage=bool(self.stream_options and self.stream_options.include_usage),
-            max_tokens=self.max_completion_tokens or self.max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            n=self.n,
-            stop=stop,
-            seed=self.seed,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            tools=tuple(self.tools) if self.tools else None,
-            tool_choice=self.tool_choice,
-            response_format=self.response_format,
-            user=self.user,
-            request_id=request_id,
-        )
+def _message_complete(m: Message) -> Message:
+    role = m["role"]
+    if m.get("content") is None and role != "assistant":
+        raise ValueError(f"a {role} message needs content")
+    if role == "tool" and not m.get("tool_call_id"):
+        raise ValueError("a tool message needs tool_call_id")
+    return m
 
 
-class EmbeddingBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
+def _check_stop(v: str | list[str]) -> str | list[str]:
+    if isinstance(v, list) and len(v) > 16:
+        raise ValueError("at most 16 stop sequences")
+    return v
 
-    model: str = Field(min_length=1)
-    input: str | list[str] = Field()
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
-    user: str | None = None
 
-    @field_validator("input")
-    @classmethod
-    def _check_input(cls, v: str | list[str]) -> str | list[str]:
-        if isinstance(v, list) and not v:
-            raise ValueError("input must not be empty")
-        if isinstance(v, list) and len(v) > 2048:
-            raise ValueError("at most 2048 inputs per request")
-        return v
+def _check_tools(v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for i, tool in enumerate(v):
+        fn = tool.get("function")
+        if tool.get("type", "function") != "function" or not isinstance(fn, dict) or not fn.get("name"):
+            raise ValueError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}")
+    return v
 
-    def to_request(self, raw: dict[str, Any], request_id: str) -> EmbeddingRequest:
-        inputs = (self.input,) if isinstance(self.input, str) else tuple(self.input)
-        return EmbeddingRequest(
-            model=self.model,
-            inputs=inputs,
-            encoding_format=self.encoding_format,
-            dimensions=self.dimensions,
-            user=self.user,
-            body=raw,
-            request_id=request_id,
-        )
+
+class Message(TypedDict, total=False):
+    role: Required[Literal["system", "developer", "user", "assistant", "tool", "function"]]
+    content: str | list[dict[str, Any]] | None
+    name: str | None
+    tool_calls: list[dict[str, Any]] | None
+    tool_call_id: str | None
+
+
+class StreamOptions(TypedDict, total=False):
+    include_usage: bool
+
+
+class ChatCompletionBody(TypedDict, total=False):
+    model: Required[Annotated[str, Field(min_length=1)]]
+    messages: Required[Annotated[list[Annotated[Message, AfterValidator(_message_complete)]], Field(min_length=1)]]
+    stream: bool
+    stream_options: StreamOptions | None
+    max_tokens: Annotated[int, Field(ge=1)] | None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None
+    top_k: Annotated[int, Field(ge=0)] | None
+    n: Annotated[int, Field(ge=1, le=128)]
+    stop: Annotated[str | list[str], AfterValidator(_check_stop)] | None
+    seed: int | None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None
+    tools: Annotated[list[dict[str, Any]], AfterValidator(_check_tools)] | None
+    tool_choice: str | dict[str, Any] | None
+    response_format: dict[str, Any] | None
+    user: str | None
+
+
+def _check_inputs(v: str | list[str]) -> str | list[str]:
+    if isinstance(v, list) and not v:
+        raise ValueError("input must not be empty")
+    if isinstance(v, list) and len(v) > 2048:
+        raise ValueError("at most 2048 inputs per request")
+    return v
+
+
+class EmbeddingBody(TypedDict, total=False):
+    model: Required[Annotated[str, Field(min_length=1)]]
+    input: Required[Annotated[str | list[str], AfterValidator(_check_inputs)]]
+    encoding_format: Literal["float", "base64"]
+    dimensions: Annotated[int, Field(ge=1)] | None
+    user: str | None
+
+
+CHAT_BODY: TypeAdapter[ChatCompletionBody] = TypeAdapter(ChatCompletionBody)
+EMBEDDING_BODY: TypeAdapter[EmbeddingBody] = TypeAdapter(EmbeddingBody)
+
+
+def chat_request(body: ChatCompletionBody, raw: dict[str, Any], request_id: str) -> ChatRequest:
+    """The ``ChatRequest`` for a validated body; ``raw`` (the client's JSON, unknown fields
+    included) is kept for the tiers."""
+    get = body.get
+    stop = get("stop")
+    options = get("stream_options")
+    tools = get("tools")
+    return ChatRequest(
+        model=body["model"],
+        messages=tuple(raw["messages"]),
+        body=raw,
+        stream=get("stream", False),
+        include_usage=bool(options and options.get("include_usage")),
+        max_tokens=get("max_completion_tokens") or get("max_tokens"),
+        temperature=get("temperature"),
+        top_p=get("top_p"),
+        top_k=get("top_k"),
+        n=get("n", 1),
+        stop=(stop,) if isinstance(stop, str) else tuple(stop) if stop else (),
+        seed=get("seed"),
+        presence_penalty=get("presence_penalty"),
+        frequency_penalty=get("frequency_penalty"),
+        tools=tuple(tools) if tools else None,
+        tool_choice=get("tool_choice"),
+        response_format=get("response_format"),
+        user=get("user"),
+        request_id=request_id,
+    )
+
+
+def embedding_request(body: EmbeddingBody, raw: dict[str, Any], request_id: str) -> EmbeddingRequest:
+    inputs = body["input"]
+    return EmbeddingRequest(
+        model=body["model"],
+        inputs=(inputs,) if isinstance(inputs, str) else tuple(inputs),
+        encoding_format=body.get("encoding_format", "float"),
+        dimensions=body.get("dimensions"),
+        user=body.get("user"),
+        body=raw,
+        request_id=request_id,
+    )
 
 
 # -- responses ------------------------------------------------------------------------
