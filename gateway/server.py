@@ -19,7 +19,7 @@ import structlog
 from aiohttp import web
 
 from gateway.accesslog import AccessLogger
-from gateway.api import build_app
+from gateway.api import build_server
 from gateway.config import Config
 from gateway.runtime import Runtime
 
@@ -109,7 +109,7 @@ class Server:
         self.config = config
         self.environ = dict(os.environ if environ is None else environ)
         self.runtime = Runtime(config, environ=self.environ)
-        self.runner: web.AppRunner | None = None
+        self.runner: web.ServerRunner | None = None
         self._stop = asyncio.Event()
         self._socket_path: Path | None = None
         self.addresses: list[str] = []
@@ -121,16 +121,15 @@ class Server:
         if not activated:
             rt.check_bind_safety()
         await rt.start()
-        app = build_app(rt)
-        self.runner = web.AppRunner(
-            app,
+        web_server = build_server(
+            rt,
             handler_cancellation=True,
             # aiohttp hands ``access_log`` to ``access_log_class``: our AccessLogger gets
             # the runtime's AccessLog and writes the line once the response is sent.
             access_log_class=AccessLogger,
-            access_log=rt.access_log if self.config.server.access_log else None,  # type: ignore[arg-type]
-            shutdown_timeout=self.config.server.drain_timeout_s,
+            access_log=rt.access_log if self.config.server.access_log else None,
         )
+        self.runner = web.ServerRunner(web_server, shutdown_timeout=self.config.server.drain_timeout_s)
         await self.runner.setup()
         server = self.config.server
         sites: list[web.BaseSite] = []

@@ -38,9 +38,13 @@ class Usage:
         )
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, unlike the other types here: a frozen dataclass sets each field through
+# object.__setattr__, and with twenty fields that is 2.6 us of every request (four times
+# the rest of its construction). It is still a value: never mutated, ``replace`` makes a
+# changed copy.
+@dataclass(slots=True)
 class ChatRequest:
-    """One chat completion request, as validated at the edge.
+    """One chat completion request, as validated at the edge. Treat it as immutable.
 
     ``max_tokens`` is the effective output cap (``max_completion_tokens`` folded in).
     ``assistant_prefix``, when set, asks the tier to continue a final assistant message

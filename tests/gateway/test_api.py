@@ -123,6 +123,39 @@ async def test_curl_over_the_unix_socket(make_daemon):
     assert lines[-1] == "data: [DONE]"
 
 
+async def _raw_exchange(port: int, head: bytes, body: bytes, *, wait_interim: bool) -> tuple[bytes, bytes]:
+    """Send ``head``; when ``wait_interim``, read up to the interim answer before sending
+    ``body``. Returns (interim, final) as raw bytes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        interim = b""
+        if wait_interim:
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            writer.write(body)
+            await writer.drain()
+        final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        return interim, final
+    finally:
+        writer.close()
+
+
+async def test_expect_100_continue_gets_its_interim_answer_before_the_body(make_daemon):
+    # curl sends "Expect: 100-continue" with a body over 1 KiB and waits for the interim
+    # answer (a second, by default) before sending the body.
+    body = json.dumps({**CHAT, "messages": [{"role": "user", "content": "x" * 2000}]}).encode()
+    async with make_daemon() as d:
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Expect: 100-continue\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+        interim, final = await _raw_exchange(d.port, head, body, wait_interim=True)
+        assert interim.startswith(b"HTTP/1.1 100 Continue")
+        assert final.startswith(b"HTTP/1.1 200")
+        odd = head.replace(b"100-continue", b"something-else")
+        _, final = await _raw_exchange(d.port, odd + body, b"", wait_interim=False)
+        assert final.startswith(b"HTTP/1.1 417")
+
+
 async def test_stale_socket_from_a_crash_is_replaced(make_daemon, tmp_path):
     d = make_daemon()
     # a socket file nobody listens on, as a crashed daemon leaves it
