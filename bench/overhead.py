@@ -347,13 +347,15 @@ def ledger_requests(config: Path) -> int | None:
     return int(entry["requests"]) if entry else None
 
 
-def access_log_lines(log: Path) -> int:
-    count = 0
+def access_log_lines(log: Path) -> dict[int, int]:
+    """Access lines in the daemon's log, by status."""
+    by_status: dict[int, int] = {}
     with log.open("rb") as f:
         for line in f:
             if b'"event": "request"' in line or b'"event":"request"' in line:
-                count += 1
-    return count
+                status = int(json.loads(line)["status"])
+                by_status[status] = by_status.get(status, 0) + 1
+    return by_status
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -487,7 +489,12 @@ def bench(args: argparse.Namespace) -> int:
         info["daemon_access_log_lines"] = logged
         print()
         print(render(summary))
-        print(f"daemon bookkeeping: {logged} access-log lines, {ledger} requests in the ledger")
+        # wrk closes its connections when a run ends: requests still in flight then are
+        # cancelled (no upstream answer, nothing to count) and logged as 499.
+        answered = logged.get(200, 0)
+        others = ", ".join(f"{n} x {status}" for status, n in sorted(logged.items()) if status != 200)
+        print(f"daemon bookkeeping: {answered} access-log lines with status 200, {ledger} requests "
+              f"in the ledger" + (f" (other lines: {others})" if others else ""))
         if args.json:
             Path(args.json).write_text(json.dumps(
                 {"machine": info, "summary": summary, "runs": [{**asdict(r), "rps": r.rps} for r in runs]},
