@@ -65,6 +65,30 @@ def _chat_call(router: Router, tier: Tier, req: ChatRequest, deadline: float) ->
 def _embed_call(router: Router, tier: Tier, req: EmbeddingRequest, deadline: float) -> Awaitable[EmbeddingResult]:
     return tier.provider.embed(req)
 
+
+# A tier served: (tier, its hold, the call's result, the trail, the tiers ranked after it,
+# when the successful attempt started).
+Walked = tuple[Tier, "Hold | None", Any, Trail, list[Tier], float]
+# What a successful walk becomes, per kind of request; a plain function, like Call.
+Finish = Callable[["Router", ChatRequest, "ApiKey | None", float, Walked], Any]
+
+
+def _whole_answer(router: Router, req: ChatRequest, key: ApiKey | None, deadline: float, walked: Walked) -> Served[Any]:
+    tier, hold, result, trail, _, started = walked
+    health = tier.health
+    health.in_flight -= 1
+    health.record_success(ttft_s=time.monotonic() - started)
+    router._settle(tier, req, key, hold, result.usage, trail)
+    return Served(result=result, tier=tier.name, attempts=trail.attempts)
+
+
+def _opened_stream(router: Router, req: ChatRequest, key: ApiKey | None, deadline: float, walked: Walked) -> ServedStream:
+    tier, hold, stream, trail, rest, _ = walked
+    return ServedStream(
+        router=router, req=req, key=key, deadline=deadline, trail=trail,
+        tier=tier, hold=hold, opened=stream, remaining=rest,
+    )
+
 __all__ = ["Router"]
 
 
@@ -307,7 +331,13 @@ class Router:
         try:
             return await self._try_once(tier, trail, deadline, call, req)
         except RetryableError as exc:
-            first_failure: RetryableError | None = exc
+            return await self._retry(exc, tier, trail, deadline, call, req)
+
+    async def _retry(
+        self, failure: RetryableError, tier: Tier, trail: Trail, deadline: float, call: Call, req: Any
+    ) -> Any:
+        """The attempts after a first retryable ``failure``, as tenacity decides."""
+        first_failure: RetryableError | None = failure
         async for attempt in self._retrying(deadline):
             with attempt:
                 if first_failure is not None:
@@ -316,21 +346,26 @@ class Router:
                 return await self._try_once(tier, trail, deadline, call, req)
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
-    async def _try_once(
+    def _try_once(
         self, tier: Tier, trail: Trail, deadline: float, call: Call, req: Any
-    ) -> Any:
+    ) -> Awaitable[Any]:
+        """One attempt: the awaitable of ``call``, under a timer unless the tier's own
+        timeout ends it before the deadline. Not a coroutine itself, so the common case
+        adds no frame that every suspension of the call passes through."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise RetryableError("request deadline passed", tier=tier.name)
         trail.attempts += 1
         timeout = tier.cfg.timeout_s
         if tier.self_timed and timeout <= remaining:
-            # The tier's own timeout ends the call before the deadline: no second timer.
-            return await call(self, tier, req, deadline)
-        timeout = min(timeout, remaining)
+            return call(self, tier, req, deadline)
+        return self._timed(tier, min(timeout, remaining), call(self, tier, req, deadline))
+
+    @staticmethod
+    async def _timed(tier: Tier, timeout: float, attempt: Awaitable[Any]) -> Any:
         try:
             async with asyncio.timeout(timeout):
-                return await call(self, tier, req, deadline)
+                return await attempt
         except TimeoutError as exc:
             if tier.cfg.kind == "local":
                 # The same generation would run out of time again: move on, don't retry.
@@ -349,10 +384,10 @@ class Router:
         task: str,
         call: Call,
         original: Any,
-    ) -> tuple[Tier, Hold | None, Any, Trail, list[Tier]]:
-        """Try ranked tiers until ``call`` succeeds on one. Returns the tier, its hold,
-        the result, the trail and the tiers ranked after it; the caller takes over the
-        tier's in-flight count and the hold from there."""
+        finish: Finish,
+    ) -> Any:
+        """Try ranked tiers until ``call`` succeeds on one, then return what ``finish``
+        makes of it; ``finish`` takes over the tier's in-flight count and hold."""
         ranked = self._ranked(req, self.candidates(req.model, key, task))
         trail = Trail()
         first = self._first_to_hold(ranked)
@@ -375,8 +410,12 @@ class Router:
                     continue
             tier_req = self._bounded(req, tier) if task == "chat" else original
             tier.health.in_flight += 1
+            started = time.monotonic()
             try:
-                result = await self._call_with_retries(tier, trail, deadline, call, tier_req)
+                try:  # _call_with_retries, written out: one frame less on the hot path
+                    result = await self._try_once(tier, trail, deadline, call, tier_req)
+                except RetryableError as first:
+                    result = await self._retry(first, tier, trail, deadline, call, tier_req)
             except (RetryableError, CapacityError) as exc:
                 tier.health.in_flight -= 1
                 self._tier_failed(tier, exc, trail)
@@ -387,7 +426,7 @@ class Router:
                 tier.health.release_trial()
                 self._release(outcome)
                 raise
-            return tier, outcome, result, trail, ranked[i + 1 :]
+            return finish(self, req, key, deadline, (tier, outcome, result, trail, ranked[i + 1 :], started))
         raise self._exhausted(req, trail)
 
     def _tier_failed(self, tier: Tier, exc: ProviderError, trail: Trail) -> None:
@@ -422,27 +461,16 @@ class Router:
             attempts=trail.attempts,
         )
 
-    def _answered(
-        self, req: ChatRequest, key: ApiKey | None, started: float,
-        walked: tuple[Tier, Hold | None, Any, Trail, list[Tier]],
-    ) -> Served[Any]:
-        tier, hold, result, trail, _ = walked
-        health = tier.health
-        health.in_flight -= 1
-        health.record_success(ttft_s=time.monotonic() - started)
-        self._settle(tier, req, key, hold, result.usage, trail)
-        return Served(result=result, tier=tier.name, attempts=trail.attempts)
+    # -- chat, embeddings, streams ----------------------------------------------------
+    # Each returns the walk itself (not a coroutine awaiting it): every coroutine in the
+    # chain is passed through each time the upstream call resumes.
 
-    # -- chat and embeddings ------------------------------------------------------------
+    def chat(self, req: ChatRequest, key: ApiKey | None, deadline: float) -> Awaitable[Served[ChatResult]]:
+        return self._walk(req, key, deadline, "chat", _chat_call, req, _whole_answer)
 
-    async def chat(self, req: ChatRequest, key: ApiKey | None, deadline: float) -> Served[ChatResult]:
-        started = time.monotonic()
-        walked = await self._walk(req, key, deadline, "chat", _chat_call, req)
-        return self._answered(req, key, started, walked)
-
-    async def embed(
+    def embed(
         self, req: EmbeddingRequest, key: ApiKey | None, deadline: float
-    ) -> Served[EmbeddingResult]:
+    ) -> Awaitable[Served[EmbeddingResult]]:
         # Policies and holds see an embedding as a prompt with no output.
         as_chat = ChatRequest(
             model=req.model,
@@ -450,23 +478,15 @@ class Router:
             max_tokens=0,
             request_id=req.request_id,
         )
-        started = time.monotonic()
-        walked = await self._walk(as_chat, key, deadline, "embeddings", _embed_call, req)
-        return self._answered(as_chat, key, started, walked)
+        return self._walk(as_chat, key, deadline, "embeddings", _embed_call, req, _whole_answer)
 
-    # -- streams ------------------------------------------------------------------------
-
-    async def open_stream(
+    def open_stream(
         self, req: ChatRequest, key: ApiKey | None, deadline: float
-    ) -> ServedStream:
-        """Return once a tier produced its first meaningful chunk (failures before that
+    ) -> Awaitable[ServedStream]:
+        """Done once a tier produced its first meaningful chunk (failures before that
         are invisible); the rest of the stream is read from the returned object, which
         settles usage when it ends."""
-        tier, hold, stream, trail, rest = await self._walk(req, key, deadline, "chat", stream_call, req)
-        return ServedStream(
-            router=self, req=req, key=key, deadline=deadline, trail=trail,
-            tier=tier, hold=hold, opened=stream, remaining=rest,
-        )
+        return self._walk(req, key, deadline, "chat", stream_call, req, _opened_stream)
 
     async def _open_on(self, tier: Tier, req: ChatRequest, deadline: float) -> OpenStream:
         """Start a stream and read up to its first meaningful chunk (role-only deltas are

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -42,6 +42,7 @@ from providers.schemas import (
 from providers.sse import iter_openai_payloads, stream_error
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 PROBE_TIMEOUT_S = 5.0
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -197,11 +198,13 @@ class OpenAICompatProvider:
         """The typed error for a failed upstream answer; tiers add their own cases."""
         return error_from_payload(status, headers, payload, tier=self.name, secret=self._api_key)
 
-    async def post_json(self, url: str, body: Any) -> Any:
-        """POST ``body`` and return the decoded JSON answer.
+    async def post_json(self, url: str, body: Any, parse: Callable[[Any], T] | None = None) -> Any:
+        """POST ``body`` and return the decoded JSON answer, or ``parse(answer)``.
 
         The same as ``request`` then ``read``, written out: this is every non-streamed
         call's path, and the context-manager generator costs more than the rest here.
+        ``parse`` lets a caller return this coroutine as its own instead of awaiting it
+        in another (every coroutine in the chain is passed through on each resume).
         """
         session = self._session
         if session is None:
@@ -220,10 +223,12 @@ class OpenAICompatProvider:
             raise RetryableError("upstream answered with invalid JSON", tier=self.name) from None
         if type(payload) is dict and payload.get("error") is not None:
             raise stream_error(payload, tier=self.name, secret=self._api_key)
-        return payload
+        return payload if parse is None else parse(payload)
 
-    async def chat(self, req: ChatRequest) -> ChatResult:
-        payload = await self.post_json(self._chat_url, self.chat_body(req, stream=False))
+    def chat(self, req: ChatRequest) -> Awaitable[ChatResult]:
+        return self.post_json(self._chat_url, self.chat_body(req, stream=False), self._chat_result)
+
+    def _chat_result(self, payload: Any) -> ChatResult:
         raw_choices = payload.get("choices") if type(payload) is dict else None
         if not raw_choices or type(raw_choices) is not list:
             raise RetryableError("upstream answered with no choices", tier=self.name)
