@@ -398,7 +398,9 @@ class Router:
             if not tier.provider.ready:
                 trail.failures.append(f"{tier.name}: not ready")
                 continue
-            if not tier.health.allow():
+            health = tier.health
+            # A closed circuit (the usual case) allows without asking further.
+            if health.opened_at is not None and not health.allow():
                 trail.failures.append(f"{tier.name}: circuit open")
                 continue
             outcome = None
@@ -408,14 +410,17 @@ class Router:
                     trail.refusals.append(outcome)  # the ledger logged it
                     tier.health.release_trial()
                     continue
-            tier_req = self._bounded(req, tier) if task == "chat" else original
+            if task != "chat":
+                tier_req = original
+            else:
+                tier_req = self._bounded(req, tier) if tier.priced else req
             tier.health.in_flight += 1
             started = time.monotonic()
             try:
                 try:  # _call_with_retries, written out: one frame less on the hot path
                     result = await self._try_once(tier, trail, deadline, call, tier_req)
-                except RetryableError as first:
-                    result = await self._retry(first, tier, trail, deadline, call, tier_req)
+                except RetryableError as failure:
+                    result = await self._retry(failure, tier, trail, deadline, call, tier_req)
             except (RetryableError, CapacityError) as exc:
                 tier.health.in_flight -= 1
                 self._tier_failed(tier, exc, trail)
