@@ -126,8 +126,11 @@ class AccessLog:
             self.sink = _BufferedLines(raw, flush_s)
 
     def request(self, request: BaseRequest, status: int, seconds: float) -> None:
-        note = request.get(NOTE)
-        if note is None or not self._enabled:
+        try:
+            note = request[NOTE]
+        except KeyError:  # a request aiohttp answered before any route saw it
+            return
+        if not self._enabled:
             return
         usage, key = note.usage, note.key
         path = request.path
@@ -150,9 +153,10 @@ class AccessLog:
         if self.sink is None:
             self.logger.info("request", **fields)
             return
-        self.sink.msg(self._render(None, "info", {
-            "event": "request", **fields, "level": "info", "timestamp": self._clock.now(),
-        }))
+        fields["event"] = "request"
+        fields["level"] = "info"
+        fields["timestamp"] = self._clock.now()
+        self.sink.msg(self._render(None, "info", fields))
 
     def flush(self) -> None:
         if self.sink is not None:
