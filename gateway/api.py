@@ -24,6 +24,7 @@ from gateway.wire import (
     embedding_request,
     embeddings_json,
     loads,
+    plain_chat_body,
 )
 from providers.errors import FatalError
 from tracking import ApiKey, LedgerUnavailableError, new_event_id
@@ -116,8 +117,15 @@ def _http_exception(exc: web.HTTPException) -> web.Response:
     return err.response()
 
 
-async def _json_body(request: web.BaseRequest, rt: Runtime, schema: TypeAdapter[Any]) -> tuple[Any, dict[str, Any]]:
-    """The body validated by ``schema`` (the known fields) and the raw JSON object."""
+async def _json_body(
+    request: web.BaseRequest,
+    rt: Runtime,
+    schema: TypeAdapter[Any],
+    plain: Callable[[dict[str, Any]], Any] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """The body validated by ``schema`` (the known fields) and the raw JSON object.
+    ``plain``, when given, validates the usual shape of body without pydantic (None when
+    the body is not of that shape; ``schema`` then decides)."""
     limit = rt.config.server.max_body_bytes
     ctype = request.content_type
     if ctype != "application/json" and not ctype.endswith("+json"):
@@ -137,6 +145,9 @@ async def _json_body(request: web.BaseRequest, rt: Runtime, schema: TypeAdapter[
         raise ApiError(400, f"Request body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(raw, dict):
         raise ApiError(400, "Request body must be a JSON object.", code="invalid_json")
+    parsed = plain(raw) if plain is not None else None
+    if parsed is not None:
+        return parsed, raw
     try:
         parsed = schema.validate_python(raw)
     except ValidationError as exc:
@@ -156,7 +167,7 @@ def _deadline(rt: Runtime) -> float:
 
 
 async def chat_completions(request: web.BaseRequest, rt: Runtime, note: Note) -> web.StreamResponse:
-    body, raw = await _json_body(request, rt, CHAT_BODY)
+    body, raw = await _json_body(request, rt, CHAT_BODY, plain_chat_body)
     rid = note.request_id
     req = chat_request(body, raw, rid)
     key = note.key

@@ -113,6 +113,86 @@ CHAT_BODY: TypeAdapter[ChatCompletionBody] = TypeAdapter(ChatCompletionBody)
 EMBEDDING_BODY: TypeAdapter[EmbeddingBody] = TypeAdapter(EmbeddingBody)
 
 
+# -- the plain request, without pydantic -------------------------------------------------
+#
+# Most requests are a model, a few role/content messages and a handful of numbers. For
+# those, ``plain_chat_body`` gives what ``CHAT_BODY`` would, checked in plain Python:
+# pydantic-core is quick in a loop but costs ~16 us of CPU per request inside the running
+# daemon (bench/overhead_ab.py), most of the gap to the target. Anything else (a tool, an
+# image part, a wrong type, a value out of range, a missing field) returns None and
+# ``CHAT_BODY`` decides, and words the error. tests/gateway/test_wire.py checks that the
+# two agree.
+
+_PLAIN_ROLES = frozenset(("system", "developer", "user", "assistant"))
+_PLAIN_MESSAGE_KEYS = frozenset(("role", "content", "name"))
+# Number fields of a plain body: (a float field, may be null, least, most); None for no
+# bound. As declared in ChatCompletionBody.
+_PLAIN_NUMBERS: dict[str, tuple[bool, bool, float | None, float | None]] = {
+    "max_tokens": (False, True, 1, None),
+    "max_completion_tokens": (False, True, 1, None),
+    "temperature": (True, True, 0, 2),
+    "top_p": (True, True, 0, 1),
+    "top_k": (False, True, 0, None),
+    "n": (False, False, 1, 128),
+    "seed": (False, True, None, None),
+    "presence_penalty": (True, True, -2, 2),
+    "frequency_penalty": (True, True, -2, 2),
+}
+# Known fields a plain body may not carry: only CHAT_BODY checks these.
+_NOT_PLAIN = frozenset(("tools", "tool_choice", "response_format", "stream_options"))
+
+
+def plain_chat_body(raw: dict[str, Any]) -> ChatCompletionBody | None:
+    """``raw`` validated as ``CHAT_BODY`` would, for a plainly valid body; else None."""
+    model = raw.get("model")
+    messages = raw.get("messages")
+    if type(model) is not str or not model or type(messages) is not list or not messages:
+        return None
+    for m in messages:
+        if (
+            type(m) is not dict
+            or m.get("role") not in _PLAIN_ROLES
+            or type(m.get("content")) is not str
+            or not _PLAIN_MESSAGE_KEYS.issuperset(m)
+            or type(m.get("name", "")) is not str
+        ):
+            return None
+    body: dict[str, Any] = {"model": model, "messages": messages}
+    for name, value in raw.items():
+        bounds = _PLAIN_NUMBERS.get(name)
+        if bounds is not None:
+            is_float, nullable, least, most = bounds
+            if value is None:
+                if not nullable:
+                    return None
+                body[name] = None
+                continue
+            kind = type(value)
+            if kind is not int and not (is_float and kind is float):
+                return None
+            if (least is not None and value < least) or (most is not None and value > most):
+                return None
+            body[name] = float(value) if is_float else value
+        elif name == "stream":
+            if type(value) is not bool:
+                return None
+            body[name] = value
+        elif name == "stop":
+            if value is None or type(value) is str:
+                body[name] = value
+            elif type(value) is list and len(value) <= 16 and all(type(v) is str for v in value):
+                body[name] = value
+            else:
+                return None
+        elif name == "user":
+            if value is not None and type(value) is not str:
+                return None
+            body[name] = value
+        elif name in _NOT_PLAIN:
+            return None
+    return body  # type: ignore[return-value]
+
+
 def chat_request(body: ChatCompletionBody, raw: dict[str, Any], request_id: str) -> ChatRequest:
     """The ``ChatRequest`` for a validated body; ``raw`` (the client's JSON, unknown fields
     included) is kept for the tiers."""
