@@ -52,7 +52,7 @@ PASS_THROUGH_MODELS = frozenset({"auto", "*"})
 
 def usage_from(raw: Any) -> Usage | None:
     """An upstream ``usage`` object as ``Usage``, or None when there is none."""
-    if not isinstance(raw, Mapping):
+    if not isinstance(raw, dict):  # decoded JSON: an object is a dict
         return None
     return Usage(int(raw.get("prompt_tokens") or 0), int(raw.get("completion_tokens") or 0))
 

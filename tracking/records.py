@@ -108,7 +108,7 @@ class Admission:
         return self.rate_limited is None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # a value, never changed; not frozen: one is built per request
 class UsageEvent:
     """One tier call's outcome. ``error=True`` counts it under ``errors``, not ``requests``.
 
