@@ -101,7 +101,7 @@ class _Clock:
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((t - second) * 1_000_000):06d}Z"
+        return "%s.%06dZ" % (self._prefix, (t - second) * 1_000_000)  # %d truncates
 
 
 class AccessLog:

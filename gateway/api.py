@@ -72,12 +72,14 @@ def edge(handler: Handler, rt: Runtime, *, auth: bool = True) -> Callable[[web.B
     middleware chain is rebuilt on every request. The access line is written by
     ``gateway.accesslog`` once the response is sent."""
 
+    keys = rt.keys
+
     async def wrapped(request: web.BaseRequest) -> web.StreamResponse:
         started = time.monotonic()
         note = _note(request)
         request[NOTE] = note
         try:
-            if auth:
+            if auth and not keys.empty:
                 note.key = _authenticate(request, rt)
             resp = await handler(request, rt, note)
         except ApiError as exc:

@@ -71,15 +71,20 @@ class Served(Generic[T]):
     attempts: int
 
 
-@dataclass
 class Trail:
-    """What happened while routing one request, for the error message and the log."""
+    """What happened while routing one request, for the error message and the log.
+    (A plain class: one is made per request, and a dataclass's default factories cost
+    more than the rest of it.)"""
 
-    attempts: int = 0
-    failures: list[str] = field(default_factory=list)
-    refusals: list[Refusal] = field(default_factory=list)
-    # Tokens admit() charged to the key's tokens-per-minute; the first settle corrects it.
-    admitted_tokens: int | None = None
+    __slots__ = ("attempts", "failures", "refusals", "admitted_tokens")
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.failures: list[str] = []
+        self.refusals: list[Refusal] = []
+        # Tokens admit() charged to the key's tokens-per-minute; the first settle
+        # corrects it.
+        self.admitted_tokens: int | None = None
 
     def take_admitted(self) -> int | None:
         tokens, self.admitted_tokens = self.admitted_tokens, None

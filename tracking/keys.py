@@ -88,10 +88,7 @@ class KeyStore:
             (bytes.fromhex(k.sha256), ApiKey.from_config(k)) for k in keys
         ]
         self._by_name: dict[str, ApiKey] = {key.name: key for _, key in self._entries}
-
-    @property
-    def empty(self) -> bool:
-        return not self._entries
+        self.empty = not self._entries  # no key configured: the API is open
 
     def __len__(self) -> int:
         return len(self._entries)
