@@ -23,6 +23,7 @@ to honour it. ``BatchedEngine`` is the default (``engine = "continuous"``):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 import time
@@ -277,10 +278,22 @@ class BatchedEngine:
 
     # --- the thread -----------------------------------------------------------------
 
+    def _attention_kernels(self) -> Any:
+        """On CUDA, attention without the cuDNN kernel. Every decode step attends over a
+        key width one longer than the last, and cuDNN's attention builds a plan per
+        shape: on an H100 it held the host 1.8 ms a layer, 55 of a 75 ms step (torch's
+        profiler, 16 streams). The memory-efficient kernel takes the same boolean mask
+        with no per-shape setup. Elsewhere: nothing changes."""
+        if self._device.type != "cuda":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
     def _run(self) -> None:
         torch = self._torch
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self._attention_kernels():
                 while True:
                     with self._cond:
                         while not self._closed and not self._queue and not self._running:
