@@ -48,8 +48,9 @@ def _on_unix_socket(request: web.BaseRequest) -> bool:
 
 
 def _authenticate(request: web.BaseRequest, rt: Runtime) -> ApiKey | None:
-    """The caller's key, None when no key is needed; ApiError 401/403 otherwise."""
-    if rt.keys.empty or (rt.config.server.trust_unix_socket and _on_unix_socket(request)):
+    """The caller's key, None for a trusted Unix socket; ApiError 401/403 otherwise.
+    Only called when keys are configured (``edge`` skips it otherwise)."""
+    if rt.config.server.trust_unix_socket and _on_unix_socket(request):
         return None
     admin_path = request.path.startswith("/admin/")
     header = request.headers.get("Authorization", "")
@@ -66,9 +67,12 @@ def _authenticate(request: web.BaseRequest, rt: Runtime) -> ApiKey | None:
     return key
 
 
-def edge(handler: Handler, rt: Runtime, *, auth: bool = True) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
-    """Wrap a route's handler: request id, authentication (unless ``auth`` is off) and
-    OpenAI-style errors (the handler's own, a routing failure, a tier's client error). A wrapper per route rather than an aiohttp middleware: the
+def edge(
+    handler: Handler, rt: Runtime, *, auth: bool = True
+) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+    """Wrap a route's handler: request id, authentication (unless ``auth`` is off or no
+    key is configured) and OpenAI-style errors (the handler's own, a routing failure, a
+    tier's client error). A wrapper per route rather than an aiohttp middleware: the
     middleware chain is rebuilt on every request. The access line is written by
     ``gateway.accesslog`` once the response is sent."""
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 from tenacity import (
@@ -51,8 +51,6 @@ from providers.schemas import (
 from tracking import ApiKey, Hold, HoldRequest, Ledger, PriceTable, Refusal, UsageEvent
 
 log = structlog.get_logger(__name__)
-T = TypeVar("T")
-
 # One attempt on a tier, per kind of request: a plain function of (router, tier, request,
 # deadline) rather than a closure, so nothing is built per request to make the call.
 Call = Callable[["Router", Tier, Any, float], Awaitable[Any]]
@@ -66,15 +64,15 @@ def _embed_call(router: Router, tier: Tier, req: EmbeddingRequest, deadline: flo
     return tier.provider.embed(req)
 
 
-# A tier served: (tier, its hold, the call's result, the trail, the tiers ranked after it,
-# when the successful attempt started).
-Walked = tuple[Tier, "Hold | None", Any, Trail, list[Tier], float]
+# A tier served: (tier, its hold, the call's result, the trail, the ranked tiers and the
+# serving tier's place among them, when the successful attempt started).
+Walked = tuple[Tier, "Hold | None", Any, Trail, list[Tier], int, float]
 # What a successful walk becomes, per kind of request; a plain function, like Call.
 Finish = Callable[["Router", ChatRequest, "ApiKey | None", float, Walked], Any]
 
 
 def _whole_answer(router: Router, req: ChatRequest, key: ApiKey | None, deadline: float, walked: Walked) -> Served[Any]:
-    tier, hold, result, trail, _, started = walked
+    tier, hold, result, trail, _, _, started = walked
     health = tier.health
     health.in_flight -= 1
     health.record_success(ttft_s=time.monotonic() - started)
@@ -83,10 +81,10 @@ def _whole_answer(router: Router, req: ChatRequest, key: ApiKey | None, deadline
 
 
 def _opened_stream(router: Router, req: ChatRequest, key: ApiKey | None, deadline: float, walked: Walked) -> ServedStream:
-    tier, hold, stream, trail, rest, _ = walked
+    tier, hold, stream, trail, ranked, place, _ = walked
     return ServedStream(
         router=router, req=req, key=key, deadline=deadline, trail=trail,
-        tier=tier, hold=hold, opened=stream, remaining=rest,
+        tier=tier, hold=hold, opened=stream, remaining=ranked[place + 1 :],
     )
 
 __all__ = ["Router"]
@@ -408,13 +406,13 @@ class Router:
                 outcome = await self._hold_for(req, tier, key, first_outcome, i == 0)
                 if isinstance(outcome, Refusal):
                     trail.refusals.append(outcome)  # the ledger logged it
-                    tier.health.release_trial()
+                    health.release_trial()
                     continue
             if task != "chat":
                 tier_req = original
             else:
                 tier_req = self._bounded(req, tier) if tier.priced else req
-            tier.health.in_flight += 1
+            health.in_flight += 1
             started = time.monotonic()
             try:
                 try:  # _call_with_retries, written out: one frame less on the hot path
@@ -422,16 +420,16 @@ class Router:
                 except RetryableError as failure:
                     result = await self._retry(failure, tier, trail, deadline, call, tier_req)
             except (RetryableError, CapacityError) as exc:
-                tier.health.in_flight -= 1
+                health.in_flight -= 1
                 self._tier_failed(tier, exc, trail)
                 self._settle(tier, req, key, outcome, Usage(), trail, error=True)
                 continue
             except BaseException:  # FatalError, cancellation: not the tier's fault
-                tier.health.in_flight -= 1
-                tier.health.release_trial()
+                health.in_flight -= 1
+                health.release_trial()
                 self._release(outcome)
                 raise
-            return finish(self, req, key, deadline, (tier, outcome, result, trail, ranked[i + 1 :], started))
+            return finish(self, req, key, deadline, (tier, outcome, result, trail, ranked, i, started))
         raise self._exhausted(req, trail)
 
     def _tier_failed(self, tier: Tier, exc: ProviderError, trail: Trail) -> None:

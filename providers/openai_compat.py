@@ -211,9 +211,8 @@ class OpenAICompatProvider:
             raise RetryableError("tier not started", tier=self.name)
         try:
             async with session.post(url, data=orjson.dumps(body), headers=JSON_HEADERS) as resp:
-                if resp.status >= 400:
-                    payload = await read_error_payload(resp, tier=self.name)
-                    raise self.upstream_error(resp.status, resp.headers, payload)
+                if resp.status >= 400:  # checked here first: no coroutine on the usual path
+                    await self._raise_for_status(resp)
                 raw = await resp.read()
         except TRANSPORT_ERRORS as exc:
             raise transport_error(exc, tier=self.name, secret=self._api_key) from exc

@@ -4,8 +4,9 @@ Plain slotted dataclasses, treated as values: never changed once built (``replac
 makes a changed copy). They are not ``frozen=True``: that sets each field through
 ``object.__setattr__``, and these are built for every request and every stream chunk
 (unfreezing them took 2% off the daemon's instructions per request). Pydantic validates
-the wire at the gateway's edge and builds these. ``ChatRequest.body`` keeps the client's whole validated body, unknown fields
-included, so OpenAI-compatible tiers can pass through what the gateway does not know.
+the wire at the gateway's edge and builds these. ``ChatRequest.body`` keeps the client's
+whole validated body, unknown fields included, so OpenAI-compatible tiers can pass
+through what the gateway does not know.
 """
 
 from __future__ import annotations
