@@ -24,7 +24,7 @@ from gateway.wire import (
     embedding_request,
     embeddings_json,
     loads,
-    plain_chat_body,
+    plain_chat_request,
 )
 from providers.errors import FatalError
 from tracking import ApiKey, LedgerUnavailableError, new_event_id
@@ -123,15 +123,8 @@ def _http_exception(exc: web.HTTPException) -> web.Response:
     return err.response()
 
 
-async def _json_body(
-    request: web.BaseRequest,
-    rt: Runtime,
-    schema: TypeAdapter[Any],
-    plain: Callable[[dict[str, Any]], Any] | None = None,
-) -> tuple[Any, dict[str, Any]]:
-    """The body validated by ``schema`` (the known fields) and the raw JSON object.
-    ``plain``, when given, validates the usual shape of body without pydantic (None when
-    the body is not of that shape; ``schema`` then decides)."""
+async def _json_object(request: web.BaseRequest, rt: Runtime) -> dict[str, Any]:
+    """The request's body as a JSON object; 413, 415 or 400 otherwise."""
     limit = rt.config.server.max_body_bytes
     if request.headers.get("Content-Type") != "application/json":  # else parse it
         ctype = request.content_type
@@ -151,13 +144,15 @@ async def _json_body(
         raw = loads(raw_bytes)
     except ValueError as exc:
         raise ApiError(400, f"Request body is not valid JSON: {exc}", code="invalid_json") from exc
-    if not isinstance(raw, dict):
+    if type(raw) is not dict:
         raise ApiError(400, "Request body must be a JSON object.", code="invalid_json")
-    parsed = plain(raw) if plain is not None else None
-    if parsed is not None:
-        return parsed, raw
+    return raw  # type: ignore[no-any-return]
+
+
+def _validated(schema: TypeAdapter[Any], raw: dict[str, Any]) -> Any:
+    """``raw``'s known fields checked by ``schema``; a 400 naming the first bad one."""
     try:
-        parsed = schema.validate_python(raw)
+        return schema.validate_python(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
@@ -167,7 +162,6 @@ async def _json_body(
         elif param:
             msg = f"Invalid value for '{param}': {msg}"
         raise ApiError(400, msg, code="invalid_request", param=param) from exc
-    return parsed, raw
 
 
 def _deadline(rt: Runtime) -> float:
@@ -175,9 +169,9 @@ def _deadline(rt: Runtime) -> float:
 
 
 async def chat_completions(request: web.BaseRequest, rt: Runtime, note: Note) -> web.StreamResponse:
-    body, raw = await _json_body(request, rt, CHAT_BODY, plain_chat_body)
+    raw = await _json_object(request, rt)
     rid = note.request_id
-    req = chat_request(body, raw, rid)
+    req = plain_chat_request(raw, rid) or chat_request(_validated(CHAT_BODY, raw), raw, rid)
     key = note.key
     completion_id = f"chatcmpl-{rid}"
     if req.stream:
@@ -231,8 +225,8 @@ async def _stream(request: web.BaseRequest, rt: Runtime, note: Note, req: Any, k
 
 
 async def embeddings(request: web.BaseRequest, rt: Runtime, note: Note) -> web.StreamResponse:
-    body, raw = await _json_body(request, rt, EMBEDDING_BODY)
-    req = embedding_request(body, raw, note.request_id)
+    raw = await _json_object(request, rt)
+    req = embedding_request(_validated(EMBEDDING_BODY, raw), raw, note.request_id)
     served = await rt.router.embed(req, note.key, _deadline(rt))
     note.tier, note.attempts, note.usage = served.tier, served.attempts, served.result.usage
     return json_response(

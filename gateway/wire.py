@@ -116,7 +116,8 @@ EMBEDDING_BODY: TypeAdapter[EmbeddingBody] = TypeAdapter(EmbeddingBody)
 # -- the plain request, without pydantic -------------------------------------------------
 #
 # Most requests are a model, a few role/content messages and a handful of numbers. For
-# those, ``plain_chat_body`` gives what ``CHAT_BODY`` would, checked in plain Python:
+# those, ``plain_chat_request`` builds the ``ChatRequest`` that ``CHAT_BODY`` and
+# ``chat_request`` would, checked in plain Python and without the intermediate dict:
 # pydantic-core is quick in a loop but costs ~16 us of CPU per request inside the running
 # daemon (bench/overhead_ab.py), most of the gap to the target. Anything else (a tool, an
 # image part, a wrong type, a value out of range, a missing field) returns None and
@@ -126,7 +127,8 @@ EMBEDDING_BODY: TypeAdapter[EmbeddingBody] = TypeAdapter(EmbeddingBody)
 _PLAIN_ROLES = frozenset(("system", "developer", "user", "assistant"))
 _PLAIN_MESSAGE_KEYS = frozenset(("role", "content", "name"))
 # Number fields of a plain body: (a float field, may be null, least, most); None for no
-# bound. As declared in ChatCompletionBody.
+# bound. As declared in ChatCompletionBody. Each is the ChatRequest field of its name,
+# except max_completion_tokens, which wins over max_tokens.
 _PLAIN_NUMBERS: dict[str, tuple[bool, bool, float | None, float | None]] = {
     "max_tokens": (False, True, 1, None),
     "max_completion_tokens": (False, True, 1, None),
@@ -142,8 +144,9 @@ _PLAIN_NUMBERS: dict[str, tuple[bool, bool, float | None, float | None]] = {
 _NOT_PLAIN = frozenset(("tools", "tool_choice", "response_format", "stream_options"))
 
 
-def plain_chat_body(raw: dict[str, Any]) -> ChatCompletionBody | None:
-    """``raw`` validated as ``CHAT_BODY`` would, for a plainly valid body; else None."""
+def plain_chat_request(raw: dict[str, Any], request_id: str) -> ChatRequest | None:
+    """``chat_request(CHAT_BODY.validate_python(raw), raw, request_id)`` for a plainly
+    valid body, built directly; None for any other body."""
     model = raw.get("model")
     messages = raw.get("messages")
     if type(model) is not str or not model or type(messages) is not list or not messages:
@@ -157,7 +160,10 @@ def plain_chat_body(raw: dict[str, Any]) -> ChatCompletionBody | None:
             or type(m.get("name", "")) is not str
         ):
             return None
-    body: dict[str, Any] = {"model": model, "messages": messages}
+    req = ChatRequest(model, tuple(messages), raw, request_id=request_id)
+    if len(raw) == 2:  # model and messages alone
+        return req
+    completion_cap = None
     for name, value in raw.items():
         bounds = _PLAIN_NUMBERS.get(name)
         if bounds is not None:
@@ -165,32 +171,40 @@ def plain_chat_body(raw: dict[str, Any]) -> ChatCompletionBody | None:
             if value is None:
                 if not nullable:
                     return None
-                body[name] = None
-                continue
-            kind = type(value)
-            if kind is not int and not (is_float and kind is float):
-                return None
-            if (least is not None and value < least) or (most is not None and value > most):
-                return None
-            body[name] = float(value) if is_float else value
+            else:
+                kind = type(value)
+                if kind is not int and not (is_float and kind is float):
+                    return None
+                if (least is not None and value < least) or (most is not None and value > most):
+                    return None
+                if is_float:
+                    value = float(value)
+            if name == "max_completion_tokens":
+                completion_cap = value
+            else:
+                setattr(req, name, value)
         elif name == "stream":
             if type(value) is not bool:
                 return None
-            body[name] = value
+            req.stream = value
         elif name == "stop":
-            if value is None or type(value) is str:
-                body[name] = value
+            if value is None:
+                pass
+            elif type(value) is str:
+                req.stop = (value,)
             elif type(value) is list and len(value) <= 16 and all(type(v) is str for v in value):
-                body[name] = value
+                req.stop = tuple(value)
             else:
                 return None
         elif name == "user":
             if value is not None and type(value) is not str:
                 return None
-            body[name] = value
+            req.user = value
         elif name in _NOT_PLAIN:
             return None
-    return body  # type: ignore[return-value]
+    if completion_cap is not None:
+        req.max_tokens = completion_cap
+    return req
 
 
 def chat_request(body: ChatCompletionBody, raw: dict[str, Any], request_id: str) -> ChatRequest:

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import aiohttp
 import orjson
 import structlog
+from yarl import URL
 
 from providers.base import Capabilities
 from providers.config import TierConfig
@@ -45,6 +46,7 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 PROBE_TIMEOUT_S = 5.0
+# Every request body this tier sends is JSON: the session sends the header by default.
 JSON_HEADERS = {"Content-Type": "application/json"}
 # A tier model of "auto" or "*" sends the client's model name upstream unchanged.
 PASS_THROUGH_MODELS = frozenset({"auto", "*"})
@@ -94,7 +96,8 @@ class OpenAICompatProvider:
         self.name = cfg.name
         self._api_key = api_key
         self.api_root = self._api_root(cfg)
-        self._chat_url = self.url("chat/completions")
+        # Parsed once: aiohttp would parse a string URL on every call.
+        self._chat_url = URL(self.url("chat/completions"))
         self.capabilities = Capabilities(
             chat=cfg.task == "chat",
             stream=cfg.task == "chat",
@@ -115,7 +118,8 @@ class OpenAICompatProvider:
 
     async def start(self) -> None:
         if self._session is None or self._session.closed:
-            self._session = create_session(self.cfg, auth_headers(self.cfg, self._api_key))
+            headers = {**JSON_HEADERS, **auth_headers(self.cfg, self._api_key)}
+            self._session = create_session(self.cfg, headers)
             log.info("tier_started", tier=self.name, kind=self.kind, api_root=self.api_root)
 
     @property
@@ -165,7 +169,7 @@ class OpenAICompatProvider:
     async def request(
         self,
         method: str,
-        url: str,
+        url: str | URL,
         *,
         json: Any = None,
         timeout: aiohttp.ClientTimeout | None = None,
@@ -178,12 +182,8 @@ class OpenAICompatProvider:
         if self._session is None:
             raise RetryableError("tier not started", tier=self.name)
         try:
-            if json is not None:
-                data, headers = orjson.dumps(json), JSON_HEADERS
-            else:
-                data, headers = None, None
-            async with self._session.request(method, url, data=data, headers=headers,
-                                             timeout=timeout) as resp:
+            data = orjson.dumps(json) if json is not None else None
+            async with self._session.request(method, url, data=data, timeout=timeout) as resp:
                 await self._raise_for_status(resp)
                 yield resp
         except TRANSPORT_ERRORS as exc:
@@ -198,7 +198,7 @@ class OpenAICompatProvider:
         """The typed error for a failed upstream answer; tiers add their own cases."""
         return error_from_payload(status, headers, payload, tier=self.name, secret=self._api_key)
 
-    async def post_json(self, url: str, body: Any, parse: Callable[[Any], T] | None = None) -> Any:
+    async def post_json(self, url: str | URL, body: Any, parse: Callable[[Any], T] | None = None) -> Any:
         """POST ``body`` and return the decoded JSON answer, or ``parse(answer)``.
 
         The same as ``request`` then ``read``, written out: this is every non-streamed
@@ -210,7 +210,7 @@ class OpenAICompatProvider:
         if session is None:
             raise RetryableError("tier not started", tier=self.name)
         try:
-            async with session.post(url, data=orjson.dumps(body), headers=JSON_HEADERS) as resp:
+            async with session.post(url, data=orjson.dumps(body)) as resp:
                 if resp.status >= 400:  # checked here first: no coroutine on the usual path
                     await self._raise_for_status(resp)
                 raw = await resp.read()

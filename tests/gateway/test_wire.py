@@ -8,7 +8,7 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from gateway.wire import CHAT_BODY, chat_request, plain_chat_body
+from gateway.wire import CHAT_BODY, chat_request, plain_chat_request
 
 BASE = {"model": "m", "messages": [{"role": "user", "content": "Hello"}]}
 
@@ -77,12 +77,11 @@ def schema_view(raw: dict):
 
 def assert_agree(raw: dict) -> bool:
     """Either the fast path declines, or it gives exactly the schema's request."""
-    plain = plain_chat_body(raw)
-    if plain is None:
+    got = plain_chat_request(raw, "rid")
+    if got is None:
         return False
     expected = schema_view(raw)
     assert expected is not None, f"fast path took a body the schema refuses: {raw!r}"
-    got = chat_request(plain, raw, "rid")
     assert got == expected, raw
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         assert type(getattr(got, name)) is type(getattr(expected, name)), name
@@ -118,5 +117,5 @@ def test_usual_bodies_take_the_fast_path(raw):
 def test_bodies_only_the_schema_checks_are_left_to_it(combo):
     field, _ = combo
     raw = body_with(**{field: VARIANTS[field][0]})
-    assert plain_chat_body(raw) is None
+    assert plain_chat_request(raw, "rid") is None
     assert schema_view(raw) is not None
