@@ -44,26 +44,29 @@ class Note:
     client_gone: bool = False
 
 
-NOTE = web.RequestKey("tiergate_note", Note)
+class GatewayRequest(web.BaseRequest):
+    """The daemon's request: aiohttp's, plus the note the edge makes for it (a plain
+    attribute, not request storage: read and written once per request each)."""
+
+    note: Note | None = None
 
 
 class _BufferedLines:
     """Collects rendered lines and writes them to a byte stream as one write per batch:
-    every ``flush_s`` (and at shutdown), or at once when ``MAX_PENDING_BYTES`` pile up."""
+    every ``flush_s`` (and at shutdown), or at once when ``MAX_PENDING_LINES`` pile up."""
 
-    MAX_PENDING_BYTES = 256 * 1024
+    MAX_PENDING_LINES = 2048
 
     def __init__(self, stream: Any, flush_s: float) -> None:
         self._stream = stream
         self._flush_s = flush_s
         self._pending: list[bytes] = []
-        self._pending_bytes = 0
         self._scheduled: asyncio.TimerHandle | None = None
 
     def msg(self, line: bytes) -> None:
-        self._pending.append(line)
-        self._pending_bytes += len(line)
-        if self._pending_bytes >= self.MAX_PENDING_BYTES:
+        pending = self._pending
+        pending.append(line)
+        if len(pending) >= self.MAX_PENDING_LINES:
             self.flush()
         elif self._scheduled is None:
             try:
@@ -79,7 +82,7 @@ class _BufferedLines:
             self._scheduled = None
         if not self._pending:
             return
-        lines, self._pending, self._pending_bytes = self._pending, [], 0
+        lines, self._pending = self._pending, []
         try:
             self._stream.write(b"\n".join(lines) + b"\n")
             self._stream.flush()
@@ -126,11 +129,8 @@ class AccessLog:
             self.sink = _BufferedLines(raw, flush_s)
 
     def request(self, request: BaseRequest, status: int, seconds: float) -> None:
-        try:
-            note = request[NOTE]
-        except KeyError:  # a request aiohttp answered before any route saw it
-            return
-        if not self._enabled:
+        note = getattr(request, "note", None)
+        if note is None or not self._enabled:  # None: answered before any route saw it
             return
         usage, key = note.usage, note.key
         path = request.path

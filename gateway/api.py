@@ -11,7 +11,7 @@ import structlog
 from aiohttp import HttpVersion11, web
 from pydantic import TypeAdapter, ValidationError
 
-from gateway.accesslog import NOTE, Note
+from gateway.accesslog import GatewayRequest, Note
 from gateway.errors import ApiError, json_response
 from gateway.routing import RoutingError, StreamBroken
 from gateway.runtime import Runtime
@@ -80,8 +80,7 @@ def edge(
 
     async def wrapped(request: web.BaseRequest) -> web.StreamResponse:
         started = time.monotonic()
-        note = _note(request)
-        request[NOTE] = note
+        note = request.note = _note(request)  # type: ignore[attr-defined]
         try:
             if auth and not keys.empty:
                 note.key = _authenticate(request, rt)
@@ -131,11 +130,7 @@ async def _json_object(request: web.BaseRequest, rt: Runtime) -> dict[str, Any]:
         if ctype != "application/json" and not ctype.endswith("+json"):
             raise ApiError(415, f"Content-Type must be application/json, not {ctype or 'missing'}.",
                            code="unsupported_media_type")
-    length = request.content_length
-    if length is not None and length > limit:
-        raise ApiError(413, f"Request body is {length} bytes; the limit is {limit}.",
-                       code="request_too_large")
-    try:
+    try:  # read() stops at the limit (a Content-Length over it included)
         raw_bytes = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise ApiError(413, f"Request body exceeds the limit of {limit} bytes.",
@@ -323,7 +318,7 @@ def build_server(rt: Runtime, **kwargs: Any) -> web.Server:
     limit = rt.config.server.max_body_bytes
 
     def request_factory(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
-        return web.BaseRequest(message, payload, protocol, writer, task, protocol._loop,
-                               client_max_size=limit)
+        return GatewayRequest(message, payload, protocol, writer, task, protocol._loop,
+                              client_max_size=limit)
 
     return web.Server(Routes(rt), request_factory=request_factory, **kwargs)

@@ -50,15 +50,21 @@ class TierHealth:
             return True
         return False
 
-    def record_success(self, *, ttft_s: float | None = None, tpot_s: float | None = None) -> None:
+    def record_success(self, ttft_s: float | None = None, tpot_s: float | None = None) -> None:
+        """A call succeeded: the circuit closes, the latency averages take the sample.
+        (Once per request: the averages are updated inline.)"""
         self.successes += 1
         self.consecutive_failures = 0
-        self.opened_at = None
-        self.trial_in_flight = False
+        if self.opened_at is not None or self.trial_in_flight:
+            self.opened_at = None
+            self.trial_in_flight = False
+        alpha = self.alpha
         if ttft_s is not None:
-            self.ttft_ewma_s = self._ewma(self.ttft_ewma_s, ttft_s)
+            old = self.ttft_ewma_s
+            self.ttft_ewma_s = ttft_s if old is None else old + alpha * (ttft_s - old)
         if tpot_s is not None:
-            self.tpot_ewma_s = self._ewma(self.tpot_ewma_s, tpot_s)
+            old = self.tpot_ewma_s
+            self.tpot_ewma_s = tpot_s if old is None else old + alpha * (tpot_s - old)
 
     def record_failure(self, reason: str) -> bool:
         """Count a tier failure; return True when this failure opened the circuit."""
@@ -75,6 +81,3 @@ class TierHealth:
     def release_trial(self) -> None:
         """A half-open trial ended without a verdict (client error, cancellation)."""
         self.trial_in_flight = False
-
-    def _ewma(self, old: float | None, sample: float) -> float:
-        return sample if old is None else (1 - self.alpha) * old + self.alpha * sample

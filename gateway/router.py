@@ -75,7 +75,7 @@ def _whole_answer(router: Router, req: ChatRequest, key: ApiKey | None, deadline
     tier, hold, result, trail, _, _, started = walked
     health = tier.health
     health.in_flight -= 1
-    health.record_success(ttft_s=time.monotonic() - started)
+    health.record_success(time.monotonic() - started)
     router._settle(tier, req, key, hold, result.usage, trail)
     return Served(result=result, tier=tier.name, attempts=trail.attempts)
 
@@ -265,15 +265,10 @@ class Router:
             cost = self.prices.cost_micros(
                 tier.name, tier.cfg.model, usage.prompt_tokens, usage.completion_tokens
             )
-        event = UsageEvent(
-            tier=tier.name,
-            model=req.model,
-            key=key.name if key else None,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            cost_micros=cost,
-            error=error,
-            admitted_tokens=trail.take_admitted(),
+        event = UsageEvent(  # (tier, model, key, prompt, completion, cost, error)
+            tier.name, req.model, key.name if key else None, usage.prompt_tokens,
+            usage.completion_tokens, cost, error,
+            admitted_tokens=trail.take_admitted() if trail.admitted_tokens is not None else None,
         )
         if hold is not None and hold.budgets:
             # Money is held in Redis: settle it now, in one round trip.
@@ -388,7 +383,7 @@ class Router:
         makes of it; ``finish`` takes over the tier's in-flight count and hold."""
         ranked = self._ranked(req, self.candidates(req.model, key, task))
         trail = Trail()
-        first = self._first_to_hold(ranked)
+        first = self._first_to_hold(ranked) if ranked and ranked[0].priced else None
         first_outcome = None
         if first is not None or (key is not None and key.has_rate_limits):
             first_outcome = await self._admit(req, first, key, trail)

@@ -52,7 +52,7 @@ async def test_access_lines_are_json_buffered_briefly_and_scrubbed():
 
     from aiohttp.test_utils import make_mocked_request
 
-    from gateway.accesslog import NOTE, AccessLog, Note
+    from gateway.accesslog import AccessLog, Note
     from providers.schemas import Usage
 
     class Stream(io.StringIO):
@@ -66,11 +66,11 @@ async def test_access_lines_are_json_buffered_briefly_and_scrubbed():
     stream = Stream()
     access = AccessLog("info", "auto", stream=stream, flush_s=0.05)
     served = make_mocked_request("POST", "/v1/chat/completions")
-    served[NOTE] = Note("Bearer abcdefghijkl0123", client_chose_id=True, tier="local",
+    served.note = Note("Bearer abcdefghijkl0123", client_chose_id=True, tier="local",
                         attempts=1, usage=Usage(7, 3))
     access.request(served, 200, 0.0015)
     lost = make_mocked_request("GET", "/v1/x/sk-abcdefghijklmnop")
-    lost[NOTE] = Note("0123abcd")
+    lost.note = Note("0123abcd")
     access.request(lost, 404, 0.0001)
     assert stream.written() == b""  # buffered, not one write per line
     await asyncio.sleep(0.2)  # the flush timer
