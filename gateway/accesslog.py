@@ -150,13 +150,14 @@ class AccessLog:
             "completion_tokens": usage.completion_tokens if usage else None,
             "key": key.name if key else None,
         }
-        if self.sink is None:
+        sink = self.sink
+        if sink is None:
             self.logger.info("request", **fields)
             return
         fields["event"] = "request"
         fields["level"] = "info"
         fields["timestamp"] = self._clock.now()
-        self.sink.msg(self._render(None, "info", fields))
+        sink.msg(self._render(None, "info", fields))
 
     def flush(self) -> None:
         if self.sink is not None:

@@ -124,7 +124,8 @@ class OpenAICompatProvider:
 
     @property
     def ready(self) -> bool:
-        return self._session is not None and not self._session.closed
+        # Only aclose() closes the session, and it drops it: no need to ask aiohttp.
+        return self._session is not None
 
     async def aclose(self) -> None:
         if self._session is not None:
