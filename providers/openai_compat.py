@@ -107,6 +107,8 @@ class OpenAICompatProvider:
         )
         self._session: aiohttp.ClientSession | None = None
         self._usage_missing_logged = False
+        # The model name sent upstream; None passes the client's through.
+        self._fixed_model = None if cfg.model in PASS_THROUGH_MODELS else cfg.model
 
     def _api_root(self, cfg: TierConfig) -> str:
         return (cfg.base_url or "").rstrip("/")
@@ -135,19 +137,20 @@ class OpenAICompatProvider:
     # requests ----------------------------------------------------------------------
 
     def upstream_model(self, requested: str) -> str:
-        return requested if self.cfg.model in PASS_THROUGH_MODELS else self.cfg.model
+        return self._fixed_model or requested
 
     def chat_body(self, req: ChatRequest, *, stream: bool) -> dict[str, Any]:
         """The JSON sent upstream for ``req``."""
         # A shallow copy: the client's body is plain JSON already; only top-level keys
         # and the messages list are replaced here, never mutated in place.
         body = dict(req.body) if req.body else body_from_fields(req)
-        body["model"] = self.upstream_model(req.model)
-        messages = list(req.messages) if req.messages else list(body.get("messages", []))
+        body["model"] = self._fixed_model or req.model
+        # A tuple serialises as a JSON array: no list copy needed.
+        messages = req.messages or tuple(body.get("messages", ()))
         if req.assistant_prefix:
             if not self.cfg.can_resume:
                 raise CapacityError("tier cannot continue an assistant message", tier=self.name)
-            messages = [*messages, {"role": "assistant", "content": req.assistant_prefix}]
+            messages = (*messages, {"role": "assistant", "content": req.assistant_prefix})
             body["continue_final_message"] = True
             body["add_generation_prompt"] = False
         body["messages"] = messages
