@@ -1,0 +1,37 @@
+"""Event ids: unique, a uuid4's length, different in a forked child."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+
+from tracking.records import _Ids, new_event_id
+
+ID = re.compile(r"[0-9a-f]{32}")
+
+
+def test_ids_are_32_hex_digits_and_unique() -> None:
+    ids = [new_event_id() for _ in range(10_000)]
+    assert all(ID.fullmatch(i) for i in ids)
+    assert len(set(ids)) == len(ids)
+
+
+def test_ids_keep_their_width_up_to_the_last_count() -> None:
+    ids = _Ids()
+    ids._counter = itertools.count((1 << 64) - 2)
+    assert all(ID.fullmatch(ids.new()) for _ in range(2))
+
+
+def test_a_forked_child_draws_its_own_prefix() -> None:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: send an id and leave at once
+        os.write(write, new_event_id().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert ID.fullmatch(child)
+    assert child[:16] != new_event_id()[:16]
