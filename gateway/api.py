@@ -262,6 +262,16 @@ async def admin_usage(request: web.BaseRequest, rt: Runtime, note: Note) -> web.
     return json_response(report)
 
 
+async def declared_too_large(request: web.BaseRequest, rt: Runtime, note: Note) -> web.StreamResponse:
+    """A body announced (``Expect: 100-continue``) over the limit: refused before it is
+    sent. The connection closes, as the client may send the body anyway."""
+    limit = rt.config.server.max_body_bytes
+    resp = ApiError(413, f"Request body is {request.content_length} bytes; the limit is {limit}.",
+                    code="request_too_large").response()
+    resp.force_close()
+    return resp
+
+
 async def unrouted(request: web.BaseRequest, rt: Runtime, note: Note) -> web.StreamResponse:
     """Every path and method no route takes: an OpenAI-style 404 or 405."""
     methods = sorted(m for path, m in (r[:2][::-1] for r in ROUTES) if path == request.path)
@@ -291,25 +301,33 @@ class Routes:
     def __init__(self, rt: Runtime) -> None:
         self._table = {(method, path): edge(handler, rt, auth=auth) for method, path, handler, auth in ROUTES}
         self._unrouted = edge(unrouted, rt, auth=False)
+        self._limit = rt.config.server.max_body_bytes
+        self._declared_too_large = edge(declared_too_large, rt, auth=False)
 
     def __call__(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         handler = self._table.get((request.method, request.path), self._unrouted)
         if "Expect" in request.headers:
-            return _after_expect(request, handler)
+            return self._after_expect(request, handler)
         return handler(request)  # type: ignore[arg-type]
 
-
-async def _after_expect(request: web.BaseRequest, handler: Callable[[Any], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """``Expect: 100-continue`` (curl sends it with a large body) gets its interim answer
-    before the body is read; any other expectation is refused, as aiohttp's router does."""
-    expect = request.headers.get("Expect", "")
-    if request.version != HttpVersion11:
+    async def _after_expect(
+        self, request: web.BaseRequest, handler: Callable[[Any], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """``Expect: 100-continue`` (curl sends it with a large body) gets its interim
+        answer before the body is read, unless the declared body is over the limit: then
+        a 413 at once, and the client never sends it. Any other expectation is refused,
+        as aiohttp's router does."""
+        expect = request.headers.get("Expect", "")
+        if request.version != HttpVersion11:
+            return await handler(request)
+        if expect.lower() != "100-continue":
+            return ApiError(417, f"Unknown Expect: {expect}", code="expectation_failed").response()
+        length = request.content_length
+        if length is not None and length > self._limit:
+            return await self._declared_too_large(request)
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer's size starts after the interim line
         return await handler(request)
-    if expect.lower() != "100-continue":
-        return ApiError(417, f"Unknown Expect: {expect}", code="expectation_failed").response()
-    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    request.writer.output_size = 0  # the answer's size starts after the interim line
-    return await handler(request)
 
 
 def build_server(rt: Runtime, **kwargs: Any) -> web.Server:

@@ -154,6 +154,12 @@ async def test_expect_100_continue_gets_its_interim_answer_before_the_body(make_
         odd = head.replace(b"100-continue", b"something-else")
         _, final = await _raw_exchange(d.port, odd + body, b"", wait_interim=False)
         assert final.startswith(b"HTTP/1.1 417")
+        # A body announced over the limit is refused before it is sent: no interim answer.
+        limit = d.config.server.max_body_bytes
+        huge = head.replace(b"Content-Length: " + str(len(body)).encode(), b"Content-Length: " + str(limit + 1).encode())
+        _, final = await _raw_exchange(d.port, huge, b"", wait_interim=False)
+        assert final.startswith(b"HTTP/1.1 413"), final
+        assert b"x-request-id" in final.lower()
 
 
 async def test_stale_socket_from_a_crash_is_replaced(make_daemon, tmp_path):
