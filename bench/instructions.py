@@ -21,6 +21,7 @@ agree within about 1%.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import os
 import shutil
@@ -30,6 +31,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +106,49 @@ def instructions(cmd: list[str], env: dict[str, str], port: int, requests: int, 
     raise RuntimeError(f"no summary in {out}")
 
 
+@dataclass
+class Stack:
+    """What the targets of one run share: a redis-server and a zero-delay upstream."""
+
+    work: Path
+    redis_url: str
+    upstream_url: str
+    env: dict[str, str]  # the environment every process starts from
+
+    def bare_command(self, port: int) -> list[str]:
+        return [sys.executable, str(ROOT / "bench" / "overhead.py"), "--bare-proxy",
+                "--port", str(port), "--upstream", self.upstream_url]
+
+    def daemon_command(self, port: int) -> list[str]:
+        """``tiergate serve`` on a config of its own (``overhead.py``'s) at ``port``."""
+        config = self.work / f"t{port}.toml"
+        config.write_text(ov.DAEMON_TOML.format(port=port, state=self.work / f"state{port}",
+                                                redis=self.redis_url, upstream=self.upstream_url,
+                                                model=ov.MODEL))
+        tiergate = shutil.which("tiergate", path=str(Path(sys.executable).parent)) or "tiergate"
+        return [sys.executable, tiergate, "serve", "--config", str(config)]
+
+
+@contextlib.contextmanager
+def stack(prefix: str) -> Iterator[Stack]:
+    """A work directory, a redis-server and the upstream, all gone afterwards."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    redis = start_redis()
+    up_port = free_port()
+    upstream_url = f"http://127.0.0.1:{up_port}/v1"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    upstream = subprocess.Popen([sys.executable, "-m", "tests.support.upstream", "--port", str(up_port)],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    try:
+        ov.wait_http(f"{upstream_url}/chat/completions", BODY)
+        yield Stack(work, redis.url, upstream_url, env)
+    finally:
+        upstream.terminate()
+        upstream.wait()
+        redis.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("targets", nargs="+")
@@ -112,43 +158,22 @@ def main() -> int:
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
         return 2
-    work = Path(tempfile.mkdtemp(prefix="tiergate-instr-"))
-    redis = start_redis()
-    up_port = free_port()
-    upstream_url = f"http://127.0.0.1:{up_port}/v1"
-    base_env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    upstream = subprocess.Popen([sys.executable, "-m", "tests.support.upstream", "--port", str(up_port)],
-                                cwd=ROOT, env=base_env, stdout=subprocess.DEVNULL)
-    tiergate = shutil.which("tiergate", path=str(Path(sys.executable).parent)) or "tiergate"
-    try:
-        ov.wait_http(f"{upstream_url}/chat/completions", BODY)
+    with stack("tiergate-instr-") as st:
         specs = (["bare"] if args.bare else []) + args.targets
         for i, spec in enumerate(specs):
             rev, *settings = spec.split("+")
-            src = extract(rev, work / f"src{i}") if spec != "bare" else ROOT
+            src = extract(rev, st.work / f"src{i}") if spec != "bare" else ROOT
             counts = []
             for n in (WARM_REQUESTS, WARM_REQUESTS + args.requests):
                 port = free_port()
                 if spec == "bare":
-                    cmd = [sys.executable, str(ROOT / "bench" / "overhead.py"), "--bare-proxy",
-                           "--port", str(port), "--upstream", upstream_url]
-                    env = base_env
+                    cmd, env = st.bare_command(port), st.env
                 else:
-                    config = work / f"t{port}.toml"
-                    config.write_text(ov.DAEMON_TOML.format(
-                        port=port, state=work / f"state{port}", redis=redis.url,
-                        upstream=upstream_url, model=ov.MODEL))
-                    cmd = [sys.executable, tiergate, "serve", "--config", str(config)]
-                    env = {**base_env, **dict(s.split("=", 1) for s in settings),
-                           "PYTHONPATH": f"{src}:{ROOT}"}
-                counts.append(instructions(cmd, env, port, n, work))
+                    cmd = st.daemon_command(port)
+                    env = {**st.env, **dict(s.split("=", 1) for s in settings), "PYTHONPATH": f"{src}:{ROOT}"}
+                counts.append(instructions(cmd, env, port, n, st.work))
             per_request = (counts[1] - counts[0]) / args.requests
             print(f"{spec:40} {per_request:12,.0f} instructions per request", flush=True)
-    finally:
-        upstream.terminate()
-        upstream.wait()
-        redis.stop()
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

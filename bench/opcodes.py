@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,10 +31,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import instructions as ins  # noqa: E402
-import overhead as ov  # noqa: E402
 from overhead_ab import extract  # noqa: E402
 
-from tests.support.redis_server import free_port, start_redis  # noqa: E402
+from tests.support.redis_server import free_port  # noqa: E402
 
 SITECUSTOMIZE = '''
 import atexit, collections, os, sys
@@ -98,34 +94,15 @@ def main() -> int:
     p.add_argument("target", nargs="?", default="WORKTREE", help="a git revision or WORKTREE")
     p.add_argument("--top", type=int, default=30)
     args = p.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="tiergate-opcodes-"))
-    (work / "site").mkdir()
-    (work / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    redis = start_redis()
-    up_port = free_port()
-    upstream_url = f"http://127.0.0.1:{up_port}/v1"
-    base_env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    upstream = subprocess.Popen([sys.executable, "-m", "tests.support.upstream", "--port", str(up_port)],
-                                cwd=ROOT, env=base_env, stdout=subprocess.DEVNULL)
-    tiergate = shutil.which("tiergate", path=str(Path(sys.executable).parent)) or "tiergate"
-    try:
-        ov.wait_http(f"{upstream_url}/chat/completions", ins.BODY)
+    with ins.stack("tiergate-opcodes-") as st:
+        site = st.work / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
         port = free_port()
-        bare = count([sys.executable, str(ROOT / "bench" / "overhead.py"), "--bare-proxy", "--port", str(port),
-                      "--upstream", upstream_url],
-                     {**base_env, "PYTHONPATH": f"{work / 'site'}:{ROOT}"}, port, work)
-        src = extract(args.target, work / "src")
+        bare = count(st.bare_command(port), {**st.env, "PYTHONPATH": f"{site}:{ROOT}"}, port, st.work)
+        src = extract(args.target, st.work / "src")
         port = free_port()
-        config = work / "tiergate.toml"
-        config.write_text(ov.DAEMON_TOML.format(port=port, state=work / "state", redis=redis.url,
-                                                upstream=upstream_url, model=ov.MODEL))
-        daemon = count([sys.executable, tiergate, "serve", "--config", str(config)],
-                       {**base_env, "PYTHONPATH": f"{work / 'site'}:{src}:{ROOT}"}, port, work)
-    finally:
-        upstream.terminate()
-        upstream.wait()
-        redis.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        daemon = count(st.daemon_command(port), {**st.env, "PYTHONPATH": f"{site}:{src}:{ROOT}"}, port, st.work)
     print(f"bytecodes per request: bare proxy {sum(bare.values()):,.0f}, {args.target} {sum(daemon.values()):,.0f}")
     print(f"{'daemon - bare':>13} {'bare':>7} {'daemon':>7}  function")
     rows = sorted(((daemon[k] - bare[k], k) for k in set(bare) | set(daemon)), key=lambda r: -abs(r[0]))
