@@ -109,13 +109,9 @@ def edge(
 
 
 def _http_exception(exc: web.HTTPException) -> web.Response:
-    if exc.status == 404:
-        err = ApiError(404, "Not found. The API lives under /v1 (see GET /v1/models).",
-                       code="not_found")
-    elif exc.status == 405:
-        err = ApiError(405, f"Method not allowed here. {exc.text or ''}".strip(),
-                       code="method_not_allowed", headers={"Allow": exc.headers.get("Allow", "")})
-    elif exc.status == 413:
+    """An aiohttp HTTP exception from inside a handler, in the OpenAI shape. (Unknown
+    paths and methods never raise one: ``unrouted`` answers them.)"""
+    if exc.status == 413:
         err = ApiError(413, "Request body too large.", code="request_too_large")
     else:
         err = ApiError(exc.status, exc.reason or "error", code=f"http_{exc.status}")
@@ -274,7 +270,7 @@ async def declared_too_large(request: web.BaseRequest, rt: Runtime, note: Note) 
 
 async def unrouted(request: web.BaseRequest, rt: Runtime, note: Note) -> web.StreamResponse:
     """Every path and method no route takes: an OpenAI-style 404 or 405."""
-    methods = sorted(m for path, m in (r[:2][::-1] for r in ROUTES) if path == request.path)
+    methods = sorted(method for method, path, _, _ in ROUTES if path == request.path)
     if methods:
         raise ApiError(405, f"Method {request.method} not allowed on {request.path}; use {', '.join(methods)}.",
                        code="method_not_allowed", headers={"Allow": ", ".join(methods)})

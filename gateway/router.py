@@ -204,15 +204,6 @@ class Router:
         body["max_tokens"] = cap
         return req.replace(max_tokens=cap, body=body)
 
-    @staticmethod
-    def _first_to_hold(ranked: list[Tier]) -> Tier | None:
-        """The first ranked tier when it is priced and may be called: its hold goes in
-        the admission call."""
-        first = ranked[0] if ranked else None
-        if first is not None and first.priced and first.health.state != "open":
-            return first
-        return None
-
     async def _admit(
         self, req: ChatRequest, first: Tier | None, key: ApiKey | None, trail: Trail
     ) -> Hold | Refusal | None:
@@ -383,7 +374,11 @@ class Router:
         makes of it; ``finish`` takes over the tier's in-flight count and hold."""
         ranked = self._ranked(req, self.candidates(req.model, key, task))
         trail = Trail()
-        first = self._first_to_hold(ranked) if ranked and ranked[0].priced else None
+        # The first ranked tier, when it is priced and may be called: its hold goes in
+        # the admission call.
+        first = ranked[0] if ranked else None
+        if first is not None and (not first.priced or first.health.state == "open"):
+            first = None
         first_outcome = None
         if first is not None or (key is not None and key.has_rate_limits):
             first_outcome = await self._admit(req, first, key, trail)

@@ -46,9 +46,12 @@ def _message_complete(m: Message) -> Message:
     return m
 
 
+MAX_STOP_SEQUENCES = 16
+
+
 def _check_stop(v: str | list[str]) -> str | list[str]:
-    if isinstance(v, list) and len(v) > 16:
-        raise ValueError("at most 16 stop sequences")
+    if isinstance(v, list) and len(v) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
     return v
 
 
@@ -192,7 +195,7 @@ def plain_chat_request(raw: dict[str, Any], request_id: str) -> ChatRequest | No
                 pass
             elif type(value) is str:
                 req.stop = (value,)
-            elif type(value) is list and len(value) <= 16 and all(type(v) is str for v in value):
+            elif type(value) is list and len(value) <= MAX_STOP_SEQUENCES and all(type(v) is str for v in value):
                 req.stop = tuple(value)
             else:
                 return None

@@ -144,7 +144,7 @@ class OpenAICompatProvider:
         # A shallow copy: the client's body is plain JSON already; only top-level keys
         # and the messages list are replaced here, never mutated in place.
         body = dict(req.body) if req.body else body_from_fields(req)
-        body["model"] = self._fixed_model or req.model
+        body["model"] = self.upstream_model(req.model)
         # A tuple serialises as a JSON array: no list copy needed.
         messages = req.messages or tuple(body.get("messages", ()))
         if req.assistant_prefix:

@@ -41,12 +41,7 @@ class Journal:
 
     async def append(self, event: UsageEvent) -> None:
         """Return once the event is on disk (fsync'd)."""
-        line = json.dumps(event.to_json(), separators=(",", ":")) + "\n"
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((line, done))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_pending())
-        await done
+        await self.append_many((event,))
 
     async def append_many(self, events: Sequence[UsageEvent]) -> None:
         """Return once every one of ``events`` is on disk (one write, one fsync)."""

@@ -684,20 +684,15 @@ class Ledger:
             await self.journal.append_many(events)
         except OSError as exc:
             self.lost_events += len(events)
-            log.error("usage_lost", events=len(events), first_event_id=events[0].id, error=str(exc))
+            log.error("usage_lost", events=len(events), first_event_id=events[0].id,
+                      tier=events[0].tier, error=str(exc))
             return
         self.journaled_events += len(events)
-        log.debug("usage_journaled", events=len(events))
+        log.debug("usage_journaled", events=len(events), first_event_id=events[0].id,
+                  tier=events[0].tier)
 
     async def _journal(self, event: UsageEvent) -> None:
-        try:
-            await self.journal.append(event)
-        except OSError as exc:
-            self.lost_events += 1
-            log.error("usage_lost", event_id=event.id, tier=event.tier, error=str(exc))
-            return
-        self.journaled_events += 1
-        log.debug("usage_journaled", event_id=event.id, tier=event.tier)
+        await self._journal_many((event,))
 
     async def _drain_journal(self) -> None:
         """Replay every journaled event into Redis (raises if Redis fails midway).
