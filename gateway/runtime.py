@@ -169,6 +169,9 @@ class Runtime:
             load_error = getattr(p, "load_error", None)
             if load_error:
                 info["error"] = load_error
+            engine_down = getattr(p, "engine_down", None)
+            if engine_down:
+                info["error"] = f"engine down: {engine_down}"
             engine = getattr(p, "engine", None)  # a local tier: its batch and queue
             if engine is not None:
                 info["active"], info["waiting"] = engine.active, engine.waiting

@@ -105,7 +105,13 @@ class LocalChatProvider(BackgroundLoad):
 
     @property
     def ready(self) -> bool:
-        return self._engine is not None
+        return self._engine is not None and self._engine.down_reason is None
+
+    @property
+    def engine_down(self) -> str | None:
+        """Why a loaded tier's engine takes no work now (it died and awaits its restart,
+        say); None while it serves or before it is loaded."""
+        return self._engine.down_reason if self._engine is not None else None
 
     @property
     def engine(self) -> Engine | None:
@@ -118,6 +124,9 @@ class LocalChatProvider(BackgroundLoad):
     async def probe(self) -> Health:
         if self._engine is None:
             return Health(ok=False, detail=self.load_error or "loading")
+        down = self._engine.down_reason
+        if down is not None:
+            return Health(ok=False, detail=f"engine down: {down}")
         return Health(ok=True, detail=f"{self._engine.active} active, {self._engine.waiting} waiting")
 
     async def aclose(self) -> None:
