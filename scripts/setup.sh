@@ -32,16 +32,18 @@ if [ ! -x .venv/bin/python ]; then
 fi
 pip() { .venv/bin/python -m pip "$@"; }
 
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
 if [ "$latest" = 1 ]; then
-  echo "installing the newest releases pyproject.toml allows (not the lock)"
-  pins=(--upgrade --upgrade-strategy eager)
+  echo "installing the newest releases pyproject.toml allows (not the lock; torch stays $TORCH_SPEC)"
+  # torch is never left to float: a newer release would be a CUDA build of several GB.
+  echo "$TORCH_SPEC" > "$constraints"
+  pins=(--upgrade --upgrade-strategy eager -c "$constraints")
   pip install -q --upgrade pip setuptools wheel
 else
-  constraints=$LOCK
+  cp "$LOCK" "$constraints"
   if [ "$TORCH_SPEC" != "$DEFAULT_TORCH" ]; then
     # Another torch build: its own dependencies (CUDA libraries, triton) replace the lock's.
-    constraints=$(mktemp)
-    trap 'rm -f "$constraints"' EXIT
     grep -v -E '^(torch|triton|nvidia-[a-z0-9-]+)==' "$LOCK" > "$constraints"
   fi
   pip install -q -c "$constraints" pip setuptools wheel
