@@ -87,6 +87,10 @@ class TierConfig(BaseModel):
     gpu_layers: int | None = None  # layers offloaded (-1: all); default all on a GPU build
     tensor_split: tuple[float, ...] = ()  # share of the model per GPU (llama.cpp's --tensor-split)
     prefix_cache: bool = True  # share the KV cells of a prompt prefix already computed
+    # llama.cpp: a stream of context_size / max_batch cells per sequence (llama-server's
+    # layout for --parallel; greedy output does not depend on the batch), or one pool
+    # for all (a sequence may use all of it; results vary in the last bits with the batch).
+    kv_unified: bool = False
     quantize: Literal["none", "int8"] = "none"  # transformers engine on CPU: int8 weights
     # --- end of the llama_cpp block ---------------------------------------------------
 

@@ -160,7 +160,8 @@ class SlotCache:
             for tensor in store:
                 tensor[dst, :, :length] = tensor[src, :, :length]
 
-    def update(self, key: Any, value: Any, layer_idx: int, cache_kwargs: Any = None) -> tuple[Any, Any]:
+    def update(self, key: Any, value: Any, layer_idx: int, cache_kwargs: Any = None,
+               **kwargs: Any) -> tuple[Any, Any]:  # transformers 5.24 passes kwargs=...
         if layer_idx == len(self.keys):
             shape = (self.rows, key.shape[1], self.capacity, key.shape[3])
             self.keys.append(key.new_zeros(shape))

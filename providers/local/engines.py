@@ -80,7 +80,9 @@ def load_chat_engine(cfg: TierConfig) -> tuple[Any, Engine]:
                 loaded.model, max_context=loaded.max_context, max_batch=cfg.max_batch,
                 max_queue=cfg.max_queue, name=cfg.name, context_size=cfg.context_size,
                 batch_tokens=cfg.batch_tokens, prefix_cache=cfg.prefix_cache,
+                kv_unified=cfg.kv_unified,
             )
+            loaded.max_context = engine.max_context
         except BaseException:
             loaded.model.close()
             raise

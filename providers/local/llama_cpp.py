@@ -4,8 +4,11 @@ The same ``Engine`` interface as ``BatchedEngine`` (``engine.py``); the model is
 served in this process by llama.cpp (``llama_model.py`` opens it), its quantized weights
 used as they are.
 
-- Every sequence has its own sequence id in one llama.cpp context whose KV cache is a
-  single pool of ``context_size`` cells shared by all (``kv_unified``).
+- Every sequence has its own sequence id in one llama.cpp context. By default each id
+  has its own KV stream of ``context_size / max_batch`` cells, as ``llama-server
+  --parallel`` lays it out: attention reads only a sequence's own cells, and greedy
+  output is exactly llama.cpp's single-sequence output whatever else is batched (a
+  test checks it). ``kv_unified = true`` makes one pool that any sequence may fill.
 - A step is **one** ``llama_decode``: the next token of every decoding sequence, then as
   many prompt tokens of newly admitted sequences as the batch holds (``batch_tokens``;
   a longer prompt is prefilled in chunks over several steps while the others decode).
@@ -13,11 +16,12 @@ used as they are.
 - Sampling is per sequence with llama.cpp's own samplers (a chain per sequence:
   penalties, temperature, top-k, top-p, a seeded draw; greedy is llama.cpp's argmax).
 - A cancelled sequence's cells are freed at once (``llama_memory_seq_rm``). A finished
-  one's are kept as a prefix cache entry while ids and memory allow: a new sequence
-  whose prompt starts with tokens already in the cache (of a finished or a running
-  sequence) shares those cells (``llama_memory_seq_cp``) and prefills only the rest.
-  When the cache is full, cached entries go first (least recently used), then the
-  youngest running sequence fails with ``CapacityError``.
+  one's are kept as a prefix cache entry until its id (or, unified, its memory) is
+  needed: a new sequence whose prompt starts with tokens already in the cache (of a
+  finished or a running sequence) takes that id over, or copies those cells
+  (``llama_memory_seq_cp``), and prefills only the rest. A unified cache that is full
+  drops cached entries first (least recently used), then fails the youngest running
+  sequence with ``CapacityError``.
 - The thread runs discrete steps; a step that raises fails the sequences it carried
   (their cells freed) and the thread goes on. ``alive`` and ``failure`` tell whether the
   thread itself has ended, and why.
@@ -150,6 +154,7 @@ class LlamaCppEngine:
         context_size: int | None = None,
         batch_tokens: int = 512,
         prefix_cache: bool = True,
+        kv_unified: bool = False,
     ) -> None:
         lib = model.lib
         self._lib = lib
@@ -158,13 +163,17 @@ class LlamaCppEngine:
         self._max_batch = max_batch
         self._max_queue = max_queue
         self._prefix_cache = prefix_cache
-        cache_entries = min(max_batch, _MAX_SEQ - max_batch) if prefix_cache else 0
-        n_seq = max_batch + cache_entries
+        self._unified = kv_unified
+        # Unified: one pool, and spare ids for finished sequences kept for reuse. Split:
+        # one stream of context_size / max_batch cells per id; a finished sequence's
+        # cells stay in its stream until the id is taken again.
+        spare = min(max_batch, _MAX_SEQ - max_batch) if prefix_cache and kv_unified else 0
+        n_seq = max_batch + spare
         if n_seq > _MAX_SEQ:
             raise ValueError(f"max_batch {max_batch} is over llama.cpp's {_MAX_SEQ} sequences")
         n_ctx = context_size or model.n_ctx_train or 4096
         self._n_batch = max(batch_tokens, max_batch + 1)
-        self._max_context = min(max_context, n_ctx)
+        self._max_context = min(max_context, n_ctx if kv_unified else n_ctx // n_seq)
         params = lib.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = self._n_batch
@@ -172,7 +181,7 @@ class LlamaCppEngine:
         params.n_seq_max = n_seq
         params.n_threads = model.threads
         params.n_threads_batch = model.threads
-        params.kv_unified = True  # one pool of cells: a sequence may use what others leave
+        params.kv_unified = kv_unified
         params.embeddings = False
         params.no_perf = True
         self._ctx = lib.llama_init_from_model(model.ptr, params)
@@ -260,6 +269,11 @@ class LlamaCppEngine:
         return held
 
     @property
+    def max_context(self) -> int:
+        """Tokens one sequence may hold (a split cache gives each its share)."""
+        return self._max_context
+
+    @property
     def cached_prefixes(self) -> int:
         return len(self._cache)
 
@@ -321,17 +335,22 @@ class LlamaCppEngine:
             source, shared = self._best_prefix(seq)
             if self._prefix_cache and self._sibling_would_save(seq, shared):
                 break  # wait a step or two: a running prefill will have this prefix
-            slot = self._take_slot(exclude=source)
-            if slot is None:
-                break
+            if source is not None and source in self._cache:
+                # A finished sequence's cells: take its id over, keep the shared part.
+                del self._cache[source]
+                slot = source
+                self._lib.llama_memory_seq_rm(self._mem, slot, shared, -1)
+            else:
+                slot = self._take_slot()
+                if slot is None:
+                    break
+                if source is not None and shared:
+                    self._copy(source, slot, shared)
             self._queue.popleft()
             seq.slot = slot
-            if source is not None and shared:
-                self._lib.llama_memory_seq_cp(self._mem, source, slot, 0, shared)
+            if shared:
                 seq.n_past = seq.reused = shared
                 self.reused_tokens += shared
-                if source in self._cache:
-                    self._cache.move_to_end(source)
             seq.sampler = self._new_sampler(seq.params)
             self._running.append(seq)
 
@@ -361,14 +380,18 @@ class LlamaCppEngine:
                     return True
         return False
 
-    def _take_slot(self, exclude: int | None) -> int | None:
-        if self._free_slots:
-            return self._free_slots.popleft()
-        for slot in self._cache:  # oldest first
-            if slot != exclude:
-                self._evict(slot)
-                return self._free_slots.popleft()
-        return None
+    def _take_slot(self) -> int | None:
+        if not self._free_slots and self._cache:
+            self._evict(next(iter(self._cache)))  # the least recently used
+        return self._free_slots.popleft() if self._free_slots else None
+
+    def _copy(self, source: int, slot: int, shared: int) -> None:
+        """The first ``shared`` cells of ``source`` into ``slot`` (empty)."""
+        if self._unified:  # the cells gain a sequence id; no data moves
+            self._lib.llama_memory_seq_cp(self._mem, source, slot, 0, shared)
+        else:  # across streams llama.cpp copies whole streams: copy, then trim
+            self._lib.llama_memory_seq_cp(self._mem, source, slot, -1, -1)
+            self._lib.llama_memory_seq_rm(self._mem, slot, shared, -1)
 
     def _evict(self, slot: int) -> None:
         del self._cache[slot]
