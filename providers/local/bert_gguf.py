@@ -88,17 +88,17 @@ def _tensor_name(name: str) -> str | None:
     return None  # position_ids, the pooler, heads: not used for embeddings
 
 
-def _pooling(model_dir: Path) -> int:
+def _pooling(model_dir: Path) -> Any:
     import gguf
 
     try:
         config = json.loads((model_dir / "1_Pooling" / "config.json").read_text())
     except (OSError, ValueError):
-        return int(gguf.PoolingType.MEAN)
+        return gguf.PoolingType.MEAN
     if config.get("pooling_mode_cls_token"):
-        return int(gguf.PoolingType.CLS)
+        return gguf.PoolingType.CLS
     if config.get("pooling_mode_mean_tokens", True):
-        return int(gguf.PoolingType.MEAN)
+        return gguf.PoolingType.MEAN
     raise ModelSpecError(f"{str(model_dir)!r}: only mean or CLS pooling converts to GGUF")
 
 

@@ -12,6 +12,7 @@ one worker thread.
 from __future__ import annotations
 
 import ctypes
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,16 +101,21 @@ def load_llama_embedder(cfg: TierConfig) -> LlamaEmbedder:
     lib = import_llama_cpp()
     resolved = resolve_model(cfg.model, allow_download=cfg.allow_download)
     path: Path = resolved.path
+    trained: int | None = None  # sentence-transformers' max_seq_length, as the other path reads it
     if not resolved.is_gguf:
         from providers.local.bert_gguf import exported_gguf, is_bert_dir
 
         if not is_bert_dir(path):
             raise ModelSpecError(
                 f"engine 'llama_cpp' embeds with a .gguf or a BERT directory; {cfg.model!r} is neither")
+        try:
+            trained = int(json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"])
+        except (OSError, ValueError, KeyError, TypeError):
+            trained = None
         path, _ = exported_gguf(path, default_cache_dir(cfg.cache_dir))
     model = LlamaModel(path, cfg)
     try:
-        limit = model.n_ctx_train or 512
+        limit = min(model.n_ctx_train or 512, trained or 1 << 30)
         if cfg.max_context:
             limit = min(limit, cfg.max_context)
         tokens = max(limit, cfg.batch_tokens)
