@@ -5,8 +5,10 @@ side, over HTTP, interleaved in one run (``bench/local_tier.py --side-by-side`` 
     ... --workload prefix      # 16 streams sharing a ~1,000-token system prompt
     ... --workload startup     # the shipped config's local tiers: time to /readyz 200
 
-Targets: ``tiergate serve`` with one local tier on each engine named in ``--engines``
-(``llama_cpp``, ``continuous``), and ``llama-server --parallel 16 -t 2 -c 8192`` built
+Targets: ``tiergate serve`` on the shipped config's local tiers (``--engines llama_cpp``:
+chat on llama.cpp, context 8192 in 16 streams, and the MiniLM embedding tier), or one
+tier on the transformers engine (``continuous``), and ``llama-server --parallel 16 -t 2
+-c 8192`` built
 from the llama.cpp source that llama-cpp-python vendors (``bench/llama_ref.py``), all on
 the shipped SmolLM2-135M Q4_1 GGUF, all started before the first measurement. For each
 round and each concurrency N, every target in turn gets N streams at once (the openai
@@ -17,7 +19,8 @@ RSS is each process's VmHWM at the end.
 
 ``prefix``: per round a fresh ~1,000-token system prompt (so no round reuses the last
 one's cells) shared by 16 streams at once, each with its own question, 32 tokens each:
-tiergate with ``prefix_cache`` on, off, and llama-server.
+tiergate with ``prefix_cache`` on, off, and llama-server, all with 2,048 cells a
+sequence (``-c 32768``).
 """
 
 from __future__ import annotations
@@ -164,12 +167,13 @@ def shared_prefix(round_no: int, i: int) -> list[dict[str, str]]:
             {"role": "user", "content": f"In two sentences, what is {TOPICS[i % 16]}?"}]
 
 
-def start_llama_server(bin_dir: Path, threads: int, work: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_llama_server(bin_dir: Path, threads: int, work: Path,
+                       context: int) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     log = open(work / "llama-server.log", "wb")
     proc = subprocess.Popen(
         [str(bin_dir / "llama-server"), "-m", str(gguf_path()), "--host", "127.0.0.1",
-         "--port", str(port), "--parallel", "16", "-t", str(threads), "-c", "8192", "-ngl", "0"],
+         "--port", str(port), "--parallel", "16", "-t", str(threads), "-c", str(context), "-ngl", "0"],
         stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -188,14 +192,24 @@ def start_llama_server(bin_dir: Path, threads: int, work: Path) -> tuple[subproc
     raise RuntimeError("llama-server not ready in 120 s")
 
 
-def start_daemon(work: Path, redis_url: str, tiers: list[tuple[str, str, bool]], threads: int,
-                 name: str) -> SubprocessDaemon:
-    toml = DAEMON.replace("REDIS", redis_url) + "".join(
-        TIER.format(name=t, model=MODEL, engine=e, threads=threads, prefix=str(p).lower())
-        for t, e, p in tiers)
-    daemon = SubprocessDaemon(toml, work, name=name)
+def shipped_local_tiers() -> str:
+    """The shipped config.toml's local [[tiers]] (chat and embeddings), as TOML."""
+    import tomllib
+
+    text = (ROOT / "config.toml").read_text()
+    return "".join("[[tiers]]" + b for b in text.split("[[tiers]]")[1:]
+                   if tomllib.loads(b).get("kind") == "local")
+
+
+def start_daemon(work: Path, redis_url: str, tiers_toml: str, name: str) -> SubprocessDaemon:
+    daemon = SubprocessDaemon(DAEMON.replace("REDIS", redis_url) + tiers_toml, work, name=name)
     daemon.start(timeout=600)
     return daemon
+
+
+def tier_toml(name: str, engine: str, threads: int, prefix: bool, context: int = 8192) -> str:
+    return TIER.format(name=name, model=MODEL, engine=engine, threads=threads,
+                       prefix=str(prefix).lower()).replace("context_size = 8192", f"context_size = {context}")
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -287,17 +301,26 @@ async def main(argv: list[str] | None = None) -> None:
             return
         bin_dir = llama_ref.ensure_tools()
         targets: list[Target] = []
-        tiers: list[tuple[str, str, bool]]
+        # (label, public model name, tiers TOML): one daemon each, so each has its own RSS.
+        daemons: list[tuple[str, str, str]] = []
+        context = 8192
         if args.workload == "prefix":
-            tiers = [("tiergate-reuse", "llama_cpp", True), ("tiergate-no-reuse", "llama_cpp", False)]
+            context = 16 * 2048  # a 1,000-token prompt must fit one sequence's share
+            daemons = [(label, label, tier_toml(label, "llama_cpp", args.threads, on, context))
+                       for label, on in (("tiergate-reuse", True), ("tiergate-no-reuse", False))]
         else:
-            tiers = [(f"tiergate-{e}", e, True) for e in args.engines.split(",")]
-        for tier in tiers:  # one daemon per tier: each its own peak RSS
-            daemon = start_daemon(work, redis.url, [tier], args.threads, tier[0])
+            for engine in args.engines.split(","):
+                if engine == "llama_cpp":  # the shipped config's local tiers, as they are
+                    daemons.append(("tiergate-shipped", "smollm2", shipped_local_tiers()))
+                else:
+                    label = f"tiergate-{engine}"
+                    daemons.append((label, label, tier_toml(label, engine, args.threads, True)))
+        for label, model, toml in daemons:
+            daemon = start_daemon(work, redis.url, toml, label)
             procs.append(daemon)
             assert daemon.process is not None
-            targets.append(Target(tier[0], daemon.url, tier[0], daemon.process.pid))
-        server, url = start_llama_server(bin_dir, args.threads, work)
+            targets.append(Target(label, daemon.url, model, daemon.process.pid))
+        server, url = start_llama_server(bin_dir, args.threads, work, context)
         procs.append(server)
         targets.append(Target("llama-server", url, "smollm2", server.pid))
         if args.workload == "prefix":

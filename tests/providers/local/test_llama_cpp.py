@@ -90,6 +90,15 @@ def plain() -> Iterator[LocalChatProvider]:
 
 
 @pytest.fixture(scope="module")
+def reuse() -> Iterator[LocalChatProvider]:
+    """Prefix reuse on, and nothing cached yet (what earlier tests leave in ``chat``'s
+    cache would change where the prefills split)."""
+    provider = _loaded(_tier("llama-reuse", max_batch=4, context_size=4096))
+    yield provider
+    asyncio.run(provider.aclose())
+
+
+@pytest.fixture(scope="module")
 def small() -> Iterator[LocalChatProvider]:
     """One slot, no queue, a 64-token context."""
     provider = _loaded(_tier("llama-small", max_batch=1, max_queue=0, max_context=64, context_size=256))
@@ -448,7 +457,7 @@ def _llama_greedy(path: str, prompt: list[int], n: int, first_batch: int) -> lis
         llm.close()
 
 
-async def test_a_shared_prefix_is_copied_not_prefilled(chat: LocalChatProvider) -> None:
+async def test_a_shared_prefix_is_copied_not_prefilled(reuse: LocalChatProvider) -> None:
     """A prompt that starts like a cached or running one prefills only the rest, and
     decodes exactly what llama.cpp decodes from that prefix evaluated first and the rest
     after it. (Not always what it decodes from the whole prompt in one batch: matrix
@@ -457,6 +466,7 @@ async def test_a_shared_prefix_is_copied_not_prefilled(chat: LocalChatProvider) 
     system = {"role": "system", "content": " ".join(f"Rule {i}: answer briefly and politely." for i in range(40))}
     questions = ["Which city is the capital of France?", "Name a colour.", "What is 2 + 2?"]
     reqs = [_request(messages=(system, {"role": "user", "content": q}), max_tokens=10) for q in questions]
+    chat = reuse
     prompts = [_prompt_ids(chat, r) for r in reqs]
     shared = next(i for i, (a, b) in enumerate(zip(prompts[0], prompts[1])) if a != b)
     engine = chat.engine
@@ -522,3 +532,17 @@ async def test_embeddings_from_minilm_as_a_gguf_match_the_transformers_ones(tmp_
         assert sum(x * y for x, y in zip(a, b)) > 0.9999
     a, b, c, _ = ours.vectors
     assert sum(x * y for x, y in zip(a, b)) > sum(x * y for x, y in zip(a, c)) + 0.2
+
+
+def test_the_shipped_config_serves_both_local_tiers_on_llama_cpp() -> None:
+    import tomllib
+    from pathlib import Path
+
+    from providers.local.engines import chosen_engine
+
+    shipped = tomllib.loads((Path(__file__).resolve().parents[3] / "config.toml").read_text())
+    local = [TierConfig(**t) for t in shipped["tiers"] if t["kind"] == "local"]
+    assert {t.task for t in local} == {"chat", "embeddings"}
+    for tier in local:
+        assert tier.engine == "llama_cpp" and tier.fallback_engine == "continuous"
+        assert chosen_engine(tier) == "llama_cpp"  # the build is here: no fallback
