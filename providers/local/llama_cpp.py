@@ -399,6 +399,9 @@ class LlamaCppEngine:
         self._free_slots.append(slot)
 
     def _new_sampler(self, p: SamplingParams) -> Any:
+        """A llama.cpp sampler chain; None for plain greedy (``_argmax`` picks)."""
+        if p.greedy and not p.penalised:
+            return None
         lib = self._lib
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         if p.penalised:
@@ -480,7 +483,10 @@ class LlamaCppEngine:
                 seq.n_past += 1
             if seq.output < 0:
                 continue
-            token = int(self._lib.llama_sampler_sample(seq.sampler, self._ctx, seq.output))
+            if seq.sampler is None:
+                token = self._argmax(seq.output)
+            else:
+                token = int(self._lib.llama_sampler_sample(seq.sampler, self._ctx, seq.output))
             seq.tokens.append(token)
             seq.generated += 1
             finish = None
@@ -493,6 +499,15 @@ class LlamaCppEngine:
                 done.append(seq)
         if done:
             self._drop(done, keep=self._prefix_cache)
+
+    def _argmax(self, index: int) -> int:
+        # Greedy straight off the logits: llama_sampler_sample builds a candidate array
+        # of the whole vocabulary per call (BENCHMARKS.md, "llama_cpp: greedy by argmax").
+        # The first maximum, as llama.cpp's greedy sampler picks.
+        import numpy as np
+
+        row = self._lib.llama_get_logits_ith(self._ctx, index)
+        return int(np.ctypeslib.as_array(row, shape=(self._model.n_vocab,)).argmax())
 
     def _drop(self, seqs: list[_Sequence], *, keep: bool) -> None:
         """Take ``seqs`` out of the batch; their cells are freed, or kept as a cache entry."""
