@@ -255,7 +255,10 @@ class LlamaCppEngine:
 
     @property
     def alive(self) -> bool:
-        """False once the thread has ended (closed, or crashed: see ``failure``)."""
+        """False once the engine is closed or its thread has ended (crashed: see
+        ``failure``); True before ``start`` (submitted sequences wait for it)."""
+        if self._closed:
+            return False
         return self._thread is None or self._thread.is_alive()
 
     def kv_cells(self) -> int:
