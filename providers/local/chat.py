@@ -88,15 +88,13 @@ class LocalChatProvider(BackgroundLoad):
     # --- lifecycle -------------------------------------------------------------------
 
     def _load_blocking(self) -> tuple[Any, Engine]:
-        from providers.local.engines import make_engine
-        from providers.local.loader import load_chat_model
+        from providers.local.engines import load_chat_engine
         from providers.local.prompt import PromptBuilder
 
-        loaded = load_chat_model(self.cfg)
+        loaded, engine = load_chat_engine(self.cfg)
         self.gguf_cache_hit = loaded.gguf_cache_hit
         self.max_context = loaded.max_context
         self._prompts = PromptBuilder(loaded.tokenizer, tier=self.name)
-        engine = make_engine(self.cfg, loaded)
         engine.start()
         return loaded, engine
 

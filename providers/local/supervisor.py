@@ -78,12 +78,15 @@ class EngineSupervisor:
             )
             self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 30.0) -> bool:
         """Ask for the end; the engine's loop must notice its own close flag and return.
-        Joins the supervisor (and so the worker) for at most ``timeout`` seconds."""
+        Joins the supervisor (and so the worker) for at most ``timeout`` seconds; False
+        when the worker is still running then (stuck inside a step)."""
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(timeout=timeout)
+            return not self._thread.is_alive()
+        return True
 
     # --- the supervisor thread ------------------------------------------------------
 

@@ -417,3 +417,24 @@ async def test_a_request_without_max_tokens_stops_at_the_tiers_cap(cache_dir: Pa
         assert asked.usage.completion_tokens == 8  # the client's own max_tokens wins
     finally:
         await provider.aclose()
+
+
+async def test_int8_weights_still_answer(chat: LocalChatProvider, cache_dir: Path) -> None:
+    """quantize = "int8": the projections become int8 (torch's weight-only kernel), the
+    engine's fast path multiplies through them, and the answer is still right."""
+    from providers.local.quantize import quantize_int8
+
+    provider = build_local_provider(
+        TierConfig(name="int8", kind="local", model=SMOLLM, cache_dir=str(cache_dir), quantize="int8"))
+    await provider.start()
+    try:
+        assert await asyncio.wait_for(provider.wait_loaded(), 120), provider.load_error
+        model = provider._loaded.model
+        kinds = {type(m).__name__ for m in model.modules()}
+        assert "Int8Linear" in kinds
+        assert quantize_int8(model) == 0  # nothing float left to replace (the head stays)
+        assert provider.engine._fast is not None
+        result = await provider.chat(_request(max_tokens=20))
+        assert "Paris" in result.choices[0].message["content"]
+    finally:
+        await provider.aclose()
