@@ -24,8 +24,8 @@ from gateway.wire import (
     embedding_request,
     embeddings_json,
     loads,
-    plain_chat_request,
 )
+from gateway.plain_body import plain_chat_request
 from providers.errors import FatalError
 from tracking import ApiKey, LedgerUnavailableError, new_event_id
 

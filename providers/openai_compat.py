@@ -56,7 +56,8 @@ def usage_from(raw: Any) -> Usage | None:
     """An upstream ``usage`` object as ``Usage``, or None when there is none."""
     if not isinstance(raw, dict):  # decoded JSON: an object is a dict
         return None
-    return Usage(int(raw.get("prompt_tokens") or 0), int(raw.get("completion_tokens") or 0))
+    return Usage(prompt_tokens=int(raw.get("prompt_tokens") or 0),
+                 completion_tokens=int(raw.get("completion_tokens") or 0))
 
 
 def body_from_fields(req: ChatRequest) -> dict[str, Any]:
@@ -239,12 +240,12 @@ class OpenAICompatProvider:
         for i, c in enumerate(raw_choices):
             if type(c) is not dict:
                 raise RetryableError("upstream answered with a malformed choice", tier=self.name)
-            choices.append(ChatChoice(c.get("index", i), c.get("message") or {},
-                                      c.get("finish_reason"), c.get("logprobs")))
+            choices.append(ChatChoice(index=c.get("index", i), message=c.get("message") or {},
+                                      finish_reason=c.get("finish_reason"), logprobs=c.get("logprobs")))
         usage = usage_from(payload.get("usage"))
         if usage is None:
             self._note_usage_missing()
-            usage = Usage(0, 0)
+            usage = Usage()
         return ChatResult(
             choices=tuple(choices),
             usage=usage,
