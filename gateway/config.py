@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from providers.config import TierConfig
+from providers.registry import KINDS, tier_configs
 from tracking import BudgetsConfig, KeyConfig, RedisConfig
 
 
@@ -129,6 +130,7 @@ class Config(BaseSettings):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     budgets: BudgetsConfig = Field(default_factory=BudgetsConfig)
     keys: tuple[KeyConfig, ...] = ()
+    # Each entry is validated as its kind's own model (``providers.registry``).
     tiers: tuple[TierConfig, ...] = Field(min_length=1)
 
     @classmethod
@@ -142,6 +144,11 @@ class Config(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The environment beats the file (passed as init kwargs).
         return (env_settings, init_settings)
+
+    @field_validator("tiers", mode="before")
+    @classmethod
+    def _tiers_by_kind(cls, v: Any) -> Any:
+        return tier_configs().validate_python(v)
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -205,7 +212,7 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
         return Config(**data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        loc = tuple(first.get("loc", ()))
+        loc = _without_kind_tag(tuple(first.get("loc", ())))
         dotted = _dotted(loc)
         line = locate(text, loc)
         where = f"{source}:{line}" if line else source
@@ -216,6 +223,14 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
         if more:
             msg = f"{msg} (and {more} more problem{'s' if more > 1 else ''})"
         raise ConfigError(msg, where=where) from exc
+
+
+def _without_kind_tag(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """pydantic names the union member in a tier's error location (``tiers.1.openai.x``);
+    the file has no such key."""
+    if loc[:1] == ("tiers",) and len(loc) > 2 and isinstance(loc[1], int) and loc[2] in KINDS:
+        return loc[:2] + loc[3:]
+    return loc
 
 
 def _dotted(loc: Sequence[Any]) -> str:

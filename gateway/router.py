@@ -351,8 +351,8 @@ class Router:
             async with asyncio.timeout(timeout):
                 return await attempt
         except TimeoutError as exc:
-            if tier.cfg.kind == "local":
-                # The same generation would run out of time again: move on, don't retry.
+            if not tier.provider.capabilities.retry_timeouts:
+                # The same work would run out of time again: move on, don't retry.
                 raise CapacityError(f"timed out after {timeout:.1f}s", tier=tier.name) from exc
             raise RetryableError(
                 f"timed out after {timeout:.1f}s", tier=tier.name

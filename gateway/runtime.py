@@ -162,19 +162,19 @@ class Runtime:
         tiers: dict[str, object] = {}
         usable = False
         for name, tier in self.router.tiers.items():
-            p = tier.provider
+            status = tier.provider.status()
             state = tier.health.state
             info: dict[str, object] = {"kind": tier.cfg.kind, "task": tier.cfg.task,
-                                       "ready": p.ready, "circuit": state}
-            load_error = getattr(p, "load_error", None)
-            if load_error:
-                info["error"] = load_error
-            engine = getattr(p, "engine", None)  # a local tier: its batch and queue
-            if engine is not None:
-                info["active"], info["waiting"] = engine.active, engine.waiting
+                                       "ready": status.ready, "circuit": state}
+            if status.error:
+                info["error"] = status.error
+            if status.active is not None:
+                info["active"] = status.active
+            if status.waiting is not None:
+                info["waiting"] = status.waiting
             info["in_flight"] = tier.health.in_flight
             tiers[name] = info
-            if p.ready and state != "open" and tier.cfg.task == "chat":
+            if status.ready and state != "open" and tier.cfg.task == "chat":
                 usable = True
         for name, why in self.disabled.items():
             tiers[name] = {"ready": False, "error": why}

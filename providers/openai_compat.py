@@ -11,15 +11,16 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 import orjson
 import structlog
+from pydantic import model_validator
 from yarl import URL
 
-from providers.base import Capabilities
-from providers.config import TierConfig
+from providers.base import Capabilities, ProviderStatus
+from providers.config import RemoteTierConfig
 from providers.errors import CapacityError, ProviderError, RetryableError
 from providers.http import (
     TRANSPORT_ERRORS,
@@ -50,6 +51,18 @@ PROBE_TIMEOUT_S = 5.0
 JSON_HEADERS = {"Content-Type": "application/json"}
 # A tier model of "auto" or "*" sends the client's model name upstream unchanged.
 PASS_THROUGH_MODELS = frozenset({"auto", "*"})
+
+
+class OpenAITierConfig(RemoteTierConfig):
+    """``kind = "openai"``: any OpenAI-compatible API; ``base_url`` is its root."""
+
+    kind: Literal["openai"] = "openai"
+
+    @model_validator(mode="after")
+    def _needs_base_url(self) -> OpenAITierConfig:
+        if not self.base_url:
+            raise ValueError(f"tier {self.name!r}: kind 'openai' needs base_url")
+        return self
 
 
 def usage_from(raw: Any) -> Usage | None:
@@ -92,7 +105,7 @@ class OpenAICompatProvider:
 
     kind = "openai"
 
-    def __init__(self, cfg: TierConfig, api_key: str | None) -> None:
+    def __init__(self, cfg: RemoteTierConfig, api_key: str | None) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self._api_key = api_key
@@ -111,7 +124,7 @@ class OpenAICompatProvider:
         # The model name sent upstream; None passes the client's through.
         self._fixed_model = None if cfg.model in PASS_THROUGH_MODELS else cfg.model
 
-    def _api_root(self, cfg: TierConfig) -> str:
+    def _api_root(self, cfg: RemoteTierConfig) -> str:
         return (cfg.base_url or "").rstrip("/")
 
     def url(self, path: str) -> str:
@@ -129,6 +142,9 @@ class OpenAICompatProvider:
     def ready(self) -> bool:
         # Only aclose() closes the session, and it drops it: no need to ask aiohttp.
         return self._session is not None
+
+    def status(self) -> ProviderStatus:
+        return ProviderStatus(ready=self.ready)
 
     async def aclose(self) -> None:
         if self._session is not None:

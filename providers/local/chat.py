@@ -30,10 +30,10 @@ from typing import Any
 
 import structlog
 
-from providers.base import Capabilities
-from providers.config import TierConfig
+from providers.base import Capabilities, ProviderStatus
 from providers.errors import CapacityError, FatalError, ProviderError
 from providers.local.detok import IncrementalDetokenizer, StopMatcher
+from providers.local.config import LocalTierConfig
 from providers.local.engine import Engine, EngineEvent
 from providers.local.lifecycle import BackgroundLoad
 from providers.local.sampling import SamplingParams
@@ -71,10 +71,10 @@ class LocalChatProvider(BackgroundLoad):
 
     kind = "local"
 
-    def __init__(self, cfg: TierConfig) -> None:
+    def __init__(self, cfg: LocalTierConfig) -> None:
         super().__init__(cfg)
         self.capabilities = Capabilities(
-            chat=True, stream=True, embeddings=False, tools=True, resume=True
+            chat=True, stream=True, embeddings=False, tools=True, resume=True, retry_timeouts=False
         )
         self.model_name = cfg.model
         self.gguf_cache_hit: bool | None = None
@@ -114,6 +114,12 @@ class LocalChatProvider(BackgroundLoad):
     @property
     def tokenizer(self) -> Any:
         return self._loaded.tokenizer if self._loaded is not None else None
+
+    def status(self) -> ProviderStatus:
+        engine = self._engine
+        if engine is None:
+            return super().status()
+        return ProviderStatus(ready=True, active=engine.active, waiting=engine.waiting)
 
     async def probe(self) -> Health:
         if self._engine is None:

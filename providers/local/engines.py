@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from providers.config import TierConfig
+from providers.local.config import LocalTierConfig
 from providers.local.engine import BatchedEngine, Engine
 from providers.local.resolve import ModelSpecError
 
@@ -26,7 +26,7 @@ def _engine_class(name: str) -> Any:
     raise ModelSpecError(f"unknown engine {name!r}; known: {', '.join(ENGINES)}")
 
 
-def make_engine(cfg: TierConfig, loaded: Any) -> Engine:
+def make_engine(cfg: LocalTierConfig, loaded: Any) -> Engine:
     engine: Engine = _engine_class(cfg.engine)(
         loaded.model,
         eos_token_ids=loaded.eos_token_ids,

@@ -290,7 +290,8 @@ models = ["m"]
     rt = Runtime(parse_config(toml))
 
     class SlowLocal:  # a local tier whose generation takes longer than its timeout
-        name, kind, capabilities, ready = "slow-local", "local", Capabilities(), True
+        name, kind, ready = "slow-local", "local", True
+        capabilities = Capabilities(retry_timeouts=False)
         calls = 0
 
         async def chat(self, req):

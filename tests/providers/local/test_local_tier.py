@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from providers.config import TierConfig  # noqa: E402
+from providers.local.config import LocalTierConfig  # noqa: E402
 from providers.errors import CapacityError, FatalError  # noqa: E402
 from providers.local import build_local_provider  # noqa: E402
 from providers.local.chat import LocalChatProvider  # noqa: E402
@@ -52,7 +52,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("tiergate-cache")
 
 
-def _loaded(cfg: TierConfig) -> LocalChatProvider | LocalEmbeddingProvider:
+def _loaded(cfg: LocalTierConfig) -> LocalChatProvider | LocalEmbeddingProvider:
     provider = build_local_provider(cfg)
 
     async def load() -> None:
@@ -65,7 +65,7 @@ def _loaded(cfg: TierConfig) -> LocalChatProvider | LocalEmbeddingProvider:
 
 @pytest.fixture(scope="module")
 def chat(cache_dir: Path) -> Iterator[LocalChatProvider]:
-    provider = _loaded(TierConfig(name="smol", kind="local", model=SMOLLM, cache_dir=str(cache_dir)))
+    provider = _loaded(LocalTierConfig(name="smol", kind="local", model=SMOLLM, cache_dir=str(cache_dir)))
     assert isinstance(provider, LocalChatProvider)
     assert provider.ready, provider.load_error
     yield provider
@@ -76,7 +76,7 @@ def chat(cache_dir: Path) -> Iterator[LocalChatProvider]:
 def small(chat: LocalChatProvider, cache_dir: Path) -> Iterator[LocalChatProvider]:
     """A second tier on the same conversion cache: one slot, no queue, 64-token context."""
     provider = _loaded(
-        TierConfig(name="small", kind="local", model=SMOLLM, cache_dir=str(cache_dir),
+        LocalTierConfig(name="small", kind="local", model=SMOLLM, cache_dir=str(cache_dir),
                    max_batch=1, max_queue=0, max_context=64)
     )
     assert isinstance(provider, LocalChatProvider) and provider.ready, provider.load_error
@@ -86,7 +86,7 @@ def small(chat: LocalChatProvider, cache_dir: Path) -> Iterator[LocalChatProvide
 
 @pytest.fixture(scope="module")
 def embedder() -> Iterator[LocalEmbeddingProvider]:
-    provider = _loaded(TierConfig(name="minilm", kind="local", task="embeddings", model=MINILM))
+    provider = _loaded(LocalTierConfig(name="minilm", kind="local", task="embeddings", model=MINILM))
     assert isinstance(provider, LocalEmbeddingProvider) and provider.ready, provider.load_error
     yield provider
     asyncio.run(provider.aclose())
@@ -121,7 +121,7 @@ def test_first_load_converts_and_second_load_hits_the_cache(
 
 async def test_load_errors_name_the_tier_and_cause(tmp_path: Path) -> None:
     missing = build_local_provider(
-        TierConfig(name="ghost", kind="local", model=str(tmp_path / "nope.gguf"))
+        LocalTierConfig(name="ghost", kind="local", model=str(tmp_path / "nope.gguf"))
     )
     await missing.start()
     assert not missing.ready  # start returns before the load ends
@@ -134,7 +134,7 @@ async def test_load_errors_name_the_tier_and_cause(tmp_path: Path) -> None:
     odd = tmp_path / "odd"
     odd.mkdir()
     (odd / "config.json").write_text('{"model_type": "tiergate_no_such_arch"}')
-    unknown = build_local_provider(TierConfig(name="odd", kind="local", model=str(odd)))
+    unknown = build_local_provider(LocalTierConfig(name="odd", kind="local", model=str(odd)))
     await unknown.start()
     assert not await unknown.wait_loaded()
     assert unknown.load_error and "odd" in unknown.load_error and "architecture" in unknown.load_error
@@ -392,7 +392,7 @@ async def test_embeddings(embedder: LocalEmbeddingProvider) -> None:
 
 async def test_a_request_without_max_tokens_stops_at_the_tiers_cap(cache_dir: Path) -> None:
     provider = build_local_provider(
-        TierConfig(name="capped", kind="local", model=SMOLLM, cache_dir=str(cache_dir),
+        LocalTierConfig(name="capped", kind="local", model=SMOLLM, cache_dir=str(cache_dir),
                    max_output_tokens=5))
     await provider.start()
     try:
