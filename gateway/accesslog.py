@@ -18,7 +18,6 @@ from typing import Any
 
 import orjson
 import structlog
-from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
@@ -42,13 +41,6 @@ class Note:
     # The client left before the answer was complete: logged as 499, nginx's "client
     # closed request", whatever status line had already gone out.
     client_gone: bool = False
-
-
-class GatewayRequest(web.BaseRequest):
-    """The daemon's request: aiohttp's, plus the note the edge makes for it (a plain
-    attribute, not request storage: read and written once per request each)."""
-
-    note: Note | None = None
 
 
 class _BufferedLines:

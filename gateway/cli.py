@@ -34,6 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(config.logging.level, config.logging.format)
     from gateway.runtime import StartupError
     from gateway.server import serve
+    from policies import PolicyError
 
     try:
         import uvloop
@@ -43,7 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if uvloop is not None:
             return uvloop.run(serve(config))
         return asyncio.run(serve(config))
-    except StartupError as exc:
+    except (StartupError, PolicyError) as exc:
         structlog.get_logger("gateway").error("startup_refused", reason=str(exc))
         return 2
     except OSError as exc:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from policies.registry import PolicyError, policy_class
 from providers.config import TierConfig
 from providers.registry import KINDS, tier_configs
 from tracking import BudgetsConfig, KeyConfig, RedisConfig
@@ -88,6 +89,7 @@ class ServerConfig(BaseModel):
 class RoutingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # A name in policies.registry.POLICIES, or "package.module:Class".
     policy: str = "file_order"
     # Retries of one tier after its first try, for retryable errors.
     retries: int = Field(1, ge=0, le=10)
@@ -104,6 +106,15 @@ class RoutingConfig(BaseModel):
     # Circuit breaker: open after this many consecutive failures, half-open after reset.
     circuit_failures: int = Field(5, ge=1)
     circuit_reset_s: float = Field(30.0, gt=0)
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        try:
+            policy_class(v)
+        except PolicyError as exc:
+            raise ValueError(str(exc)) from exc
+        return v
 
 
 class LoggingConfig(BaseModel):

@@ -4,6 +4,7 @@ The public surface is re-exported here; the machinery lives in the modules behin
 (``ledger``, ``keyspace`` for the Redis key layout, ``journal``, ``report``).
 """
 
+from tracking.base import UsageLedger
 from tracking.config import (
     BudgetLimits,
     BudgetsConfig,
@@ -50,6 +51,7 @@ __all__ = [
     "Refusal",
     "Scopes",
     "UsageEvent",
+    "UsageLedger",
     "WindowKind",
     "budget_limits",
     "fetch_report",
