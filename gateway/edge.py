@@ -40,11 +40,13 @@ Route = tuple[str, str, Handler, bool]
 
 
 def request_factory(rt: Runtime) -> Callable[..., GatewayRequest]:
-    """aiohttp's hook that makes each request: here it reads the current generation."""
+    """aiohttp's hook that makes each request: here it reads the current generation.
+    Call it in the loop that will serve."""
+    loop = asyncio.get_running_loop()
 
     def make(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> GatewayRequest:
         generation = rt.generation
-        request = GatewayRequest(message, payload, protocol, writer, task, asyncio.get_running_loop(),
+        request = GatewayRequest(message, payload, protocol, writer, task, loop,
                                  client_max_size=generation.config.server.max_body_bytes)
         request.generation = generation
         return request

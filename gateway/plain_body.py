@@ -56,9 +56,13 @@ _NUMBERS: dict[str, NumberField] = {
 NOT_PLAIN = frozenset(("tools", "tool_choice", "response_format", "stream_options"))
 
 
-def _plain_messages(messages: Any) -> bool:
-    if type(messages) is not list or not messages:
-        return False
+def plain_chat_request(raw: dict[str, Any], request_id: str) -> ChatRequest | None:
+    """``chat_request(CHAT_BODY.validate_python(raw), raw, request_id)`` for a plainly
+    valid body, built directly; None for any other body."""
+    model = raw.get("model")
+    messages = raw.get("messages")
+    if type(model) is not str or not model or type(messages) is not list or not messages:
+        return None
     for m in messages:
         if (
             type(m) is not dict
@@ -67,17 +71,9 @@ def _plain_messages(messages: Any) -> bool:
             or not _PLAIN_MESSAGE_KEYS.issuperset(m)
             or type(m.get("name", "")) is not str
         ):
-            return False
-    return True
-
-
-def plain_chat_request(raw: dict[str, Any], request_id: str) -> ChatRequest | None:
-    """``chat_request(CHAT_BODY.validate_python(raw), raw, request_id)`` for a plainly
-    valid body, built directly; None for any other body."""
-    model = raw.get("model")
-    messages = raw.get("messages")
-    if type(model) is not str or not model or not _plain_messages(messages):
-        return None
+            return None
+    if len(raw) == 2:  # model and messages alone: nothing else to read
+        return ChatRequest(model=model, messages=tuple(messages), body=raw, request_id=request_id)
     fields: dict[str, Any] = {}
     completion_cap = None
     for name, value in raw.items():
