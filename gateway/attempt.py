@@ -166,7 +166,7 @@ class Attempt:
         except BaseException:  # FatalError, cancellation: not the tier's fault
             health.in_flight -= 1
             health.release_trial()
-            self._release()
+            self.give_back()
             raise
 
     async def _retry(self, failure: RetryableError, call: Call, payload: Any) -> Any:
@@ -251,8 +251,10 @@ class Attempt:
             # Fast path: docs/BENCHMARKS.md "batched usage" (no task, no round trip here).
             services.ledger.record(event)
 
-    def _release(self) -> None:
-        hold, self.hold = self.hold, None
+    def give_back(self, hold: Hold | None = None) -> None:
+        """Return ``hold`` (by default this attempt's own) to the budget unspent."""
+        if hold is None:
+            hold, self.hold = self.hold, None
         if hold is not None:
             ledger = self.walk.services.ledger
             self.walk.services.background.spawn(ledger.release(hold), name="ledger_release")

@@ -195,6 +195,8 @@ class Router:
         for place, tier in enumerate(ranked):
             attempt = Attempt(walk, tier, req)
             if not attempt.available():
+                if place == 0 and isinstance(admitted, Hold):
+                    attempt.give_back(admitted)  # held at admission for a tier not called
                 continue
             if tier.priced and not await attempt.hold_budget(admitted if place == 0 else None):
                 continue

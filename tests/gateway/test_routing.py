@@ -283,3 +283,33 @@ name = "first"''').replace("retries = 1", "retries = 2")
             assert r.headers["x-tiergate-attempts"] == "2"
         slow = d.server.runtime.generation.tiers["slow"].provider
     assert slow.calls == 1
+
+
+async def test_a_priced_first_tier_that_cannot_be_called_gives_its_hold_back(make_daemon, upstreams):
+    """The admission holds the first ranked tier's worst case with the rate limits; when
+    that tier turns out not to be callable (its model never loaded), the hold returns."""
+    toml = TWO_TIERS.replace("[routing]", '[budgets]\nglobal = { daily_usd = 5.0 }\n\n[routing]').replace(
+        '''[[tiers]]
+name = "first"''', '''[[tiers]]
+name = "unloaded"
+kind = "local"
+model = "/nonexistent/model.gguf"
+models = ["gpt-test"]
+price = { input = 1.0, output = 1.0 }
+
+[[tiers]]
+name = "first"''')
+    async with make_daemon(toml=toml) as d:
+        for _ in range(100):  # the load fails on its thread
+            async with d.get("/readyz") as r:
+                if "error" in (await r.json())["tiers"]["unloaded"]:
+                    break
+            await asyncio.sleep(0.05)
+        async with d.post("/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200
+            assert r.headers["x-tiergate-tier"] == "first"
+        await d.server.runtime.background.drain(5)
+        async with d.get("/admin/usage") as r:
+            usage = (await r.json())["usage"]["day"]["global"]
+    assert usage["budget_micros"] == 5_000_000
+    assert usage["held_micros"] == 0
