@@ -43,6 +43,7 @@ class Note:
     client_gone: bool = False
 
 
+# Fast path: docs/BENCHMARKS.md "buffered access line" (this buffer, _Clock, the direct renderer).
 class _BufferedLines:
     """Collects rendered lines and writes them to a byte stream as one write per batch:
     every ``flush_s`` (and at shutdown), or at once when ``MAX_PENDING_LINES`` pile up."""

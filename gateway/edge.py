@@ -89,8 +89,8 @@ def _authenticate(request: web.BaseRequest, generation: Generation) -> ApiKey | 
 def edge(handler: Handler, rt: Runtime, *, auth: bool = True) -> Callable[[GatewayRequest], Awaitable[web.StreamResponse]]:
     """Wrap a route's handler: request id, authentication (unless ``auth`` is off or no
     key is configured) and OpenAI-style errors (the handler's own, a routing failure, a
-    tier's client error). A wrapper per route rather than an aiohttp middleware: the
-    middleware chain is rebuilt on every request. The access line is written by
+    tier's client error). Fast path: docs/BENCHMARKS.md "edge as a per-route wrapper"
+    (aiohttp rebuilds its middleware chain on every request). The access line is written by
     ``gateway.accesslog`` once the response is sent."""
 
     async def wrapped(request: GatewayRequest) -> web.StreamResponse:

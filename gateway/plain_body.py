@@ -1,5 +1,7 @@
 """The plain chat body, read without pydantic: a fenced fast path.
 
+Fast path: docs/BENCHMARKS.md "plain chat body without pydantic".
+
 Most requests are a model, a few role/content messages and a handful of numbers. For
 those, ``plain_chat_request`` builds the ``ChatRequest`` that ``CHAT_BODY`` and
 ``chat_request`` (``gateway.wire``) would, checked in plain Python: pydantic-core costs

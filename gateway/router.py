@@ -227,6 +227,7 @@ class Router:
         )
 
     # -- chat, embeddings, streams ----------------------------------------------------
+    # Fast path: docs/BENCHMARKS.md "the walk returned, not awaited".
     # Each returns the walk itself (not a coroutine awaiting it): every coroutine in the
     # chain is passed through each time the upstream call resumes.
 

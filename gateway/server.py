@@ -59,6 +59,7 @@ def inherited_sockets(environ: Mapping[str, str] | None = None) -> list[socket.s
     return socks
 
 
+# Fast path: docs/BENCHMARKS.md "cycle collector settings".
 # Objects allocated, net, between young-generation collections (CPython's default: 700).
 # A request allocates a few hundred objects that nearly all die by reference counting,
 # so the default runs the cycle collector every other request for almost nothing.

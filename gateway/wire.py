@@ -31,6 +31,7 @@ dumps = orjson.dumps  # compact UTF-8 JSON, as bytes
 loads = orjson.loads
 
 
+# Fast path: docs/BENCHMARKS.md "request bodies as TypedDicts".
 # Request bodies are TypedDicts validated by a TypeAdapter: pydantic checks every known
 # field's type and range and returns a plain dict of the known fields, without building a
 # model instance per request and per message (several times cheaper on the hot path).

@@ -47,6 +47,7 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 PROBE_TIMEOUT_S = 5.0
+# Fast path: docs/BENCHMARKS.md "remote tier's session defaults" (and the parsed chat URL).
 # Every request body this tier sends is JSON: the session sends the header by default.
 JSON_HEADERS = {"Content-Type": "application/json"}
 # A tier model of "auto" or "*" sends the client's model name upstream unchanged.
@@ -110,7 +111,7 @@ class OpenAICompatProvider:
         self.name = cfg.name
         self._api_key = api_key
         self.api_root = self._api_root(cfg)
-        # Parsed once: aiohttp would parse a string URL on every call.
+        # Parsed once: aiohttp would parse a string URL on every call (see JSON_HEADERS).
         self._chat_url = URL(self.url("chat/completions"))
         self.capabilities = Capabilities(
             chat=cfg.task == "chat",
@@ -227,6 +228,7 @@ class OpenAICompatProvider:
         ``parse`` lets a caller return this coroutine as its own instead of awaiting it
         in another (every coroutine in the chain is passed through on each resume).
         """
+        # Fast path: docs/BENCHMARKS.md "remote tier's call written out".
         session = self._session
         if session is None:
             raise RetryableError("tier not started", tier=self.name)

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from tracking.keyspace import WindowKind
 
 
+# Fast path: docs/BENCHMARKS.md "ids from a per-process prefix and a counter".
 class _Ids:
     """Unique ids without a system call each: 64 random bits drawn once per process (and
     again in a forked child), then a counter; 32 hex digits, a uuid4's length."""
@@ -108,6 +109,7 @@ class Admission:
         return self.rate_limited is None
 
 
+# Fast path: docs/BENCHMARKS.md "request and usage types not frozen".
 @dataclass(slots=True)  # a value, never changed; not frozen: one is built per request
 class UsageEvent:
     """One tier call's outcome. ``error=True`` counts it under ``errors``, not ``requests``.
