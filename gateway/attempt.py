@@ -71,10 +71,6 @@ class Walk:
         # corrects the charge to the actual tokens.
         self.admitted_tokens: int | None = None
 
-    def take_admitted(self) -> int | None:
-        tokens, self.admitted_tokens = self.admitted_tokens, None
-        return tokens
-
     def hold_request(self, tier: Tier, req: ChatRequest) -> HoldRequest:
         """The worst case of ``req`` on ``tier``, to hold before calling it."""
         max_output = req.max_tokens if req.max_tokens is not None else tier.cfg.max_output_tokens
@@ -221,27 +217,26 @@ class Attempt:
         """The call's part is over: out of flight, the outcome in the tier's health
         ("ok" with its latencies; "failed" after ``failed``; "cancelled": the client
         left), and ``usage`` settled with the ledger against the hold."""
-        health = self.tier.health
+        tier, walk = self.tier, self.walk
+        health = tier.health
         health.in_flight -= 1
         if outcome == "ok":
             health.record_success(ttft_s=ttft_s, tpot_s=tpot_s)
         elif outcome == "cancelled":
             health.release_trial()
-        self._settle(usage, error=outcome == "failed")
-
-    def _settle(self, usage: Usage, *, error: bool) -> None:
-        tier, walk = self.tier, self.walk
         services = walk.services
         cost = 0
         if tier.priced:
             cost = services.prices.cost_micros(
                 tier.name, tier.cfg.model, usage.prompt_tokens, usage.completion_tokens
             )
+        # The admission's token estimate is corrected by the walk's first settle.
+        admitted, walk.admitted_tokens = walk.admitted_tokens, None
         key = walk.key
         event = UsageEvent(
             tier=tier.name, model=self.req.model, key=key.name if key else None,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-            cost_micros=cost, error=error, admitted_tokens=walk.take_admitted(),
+            cost_micros=cost, error=outcome == "failed", admitted_tokens=admitted,
         )
         hold, self.hold = self.hold, None
         if hold is not None and hold.budgets:

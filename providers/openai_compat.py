@@ -70,8 +70,7 @@ def usage_from(raw: Any) -> Usage | None:
     """An upstream ``usage`` object as ``Usage``, or None when there is none."""
     if not isinstance(raw, dict):  # decoded JSON: an object is a dict
         return None
-    return Usage(prompt_tokens=int(raw.get("prompt_tokens") or 0),
-                 completion_tokens=int(raw.get("completion_tokens") or 0))
+    return Usage(int(raw.get("prompt_tokens") or 0), int(raw.get("completion_tokens") or 0))
 
 
 def body_from_fields(req: ChatRequest) -> dict[str, Any]:
