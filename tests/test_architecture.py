@@ -99,3 +99,16 @@ def test_modules_stay_small(name):
     if relative in LONG:
         pytest.skip(f"{relative}: {LONG[relative]} ({lines} lines)")
     assert lines <= MAX_LINES, f"{relative} has {lines} lines"
+
+
+def test_every_fast_path_names_a_row_of_the_benchmarks():
+    import re
+
+    benchmarks = (ROOT / "docs" / "BENCHMARKS.md").read_text()
+    rows = set(re.findall(r"^\| ([^|]+?) \| `", benchmarks, re.MULTILINE))
+    named = {}
+    for name, path in MODULES.items():
+        for row in re.findall(r'Fast path: docs/BENCHMARKS\.md "([^"]+)"', path.read_text()):
+            named.setdefault(row, name)
+    assert named, "no fenced fast path found"
+    assert {row: name for row, name in named.items() if row not in rows} == {}
