@@ -32,8 +32,8 @@ import structlog
 
 from providers.base import Capabilities, ProviderStatus
 from providers.errors import CapacityError, FatalError, ProviderError
-from providers.local.detok import IncrementalDetokenizer, StopMatcher
 from providers.local.config import LocalTierConfig
+from providers.local.detok import IncrementalDetokenizer, StopMatcher
 from providers.local.engine import Engine, EngineEvent
 from providers.local.lifecycle import BackgroundLoad
 from providers.local.sampling import SamplingParams

@@ -17,8 +17,8 @@ from typing import Any
 import structlog
 
 from providers.base import Capabilities
-from providers.local.config import LocalTierConfig
 from providers.errors import CapacityError, FatalError
+from providers.local.config import LocalTierConfig
 from providers.local.lifecycle import BackgroundLoad
 from providers.schemas import (
     ChatChunk,

@@ -1,8 +1,8 @@
 """The load-in-the-background lifecycle both local tiers share.
 
 ``start`` begins loading on a thread and returns at once; ``ready`` turns true when the
-model is in memory; ``load_error`` (and ``status()``) says why it never will. A failed load is logged with
-the tier and the cause and leaves the daemon serving its other tiers.
+model is in memory; ``load_error`` (and ``status()``) says why it never will. A failed
+load is logged with the tier and the cause and leaves the daemon serving its other tiers.
 """
 
 from __future__ import annotations
