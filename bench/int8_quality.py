@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from providers.config import TierConfig  # noqa: E402
+from providers.local.config import LocalTierConfig  # noqa: E402
 from providers.local import build_local_provider  # noqa: E402
 from providers.schemas import ChatRequest  # noqa: E402
 
@@ -51,7 +51,7 @@ async def rate(provider, streams: int, tokens: int = 64) -> float:  # type: igno
 async def main() -> None:
     tiers = {}
     for name, quantize in (("float32", "none"), ("int8", "int8")):
-        p = build_local_provider(TierConfig(name=name, kind="local", model=MODEL, quantize=quantize,
+        p = build_local_provider(LocalTierConfig(name=name, kind="local", model=MODEL, quantize=quantize,
                                             max_batch=16))
         await p.start()
         assert await p.wait_loaded(), p.load_error

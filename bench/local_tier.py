@@ -38,7 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from providers.config import TierConfig  # noqa: E402
+from providers.local.config import LocalTierConfig  # noqa: E402
 from providers.local import build_local_provider  # noqa: E402
 from providers.local.chat import LocalChatProvider  # noqa: E402
 from providers.schemas import ChatRequest  # noqa: E402
@@ -146,7 +146,7 @@ async def main() -> None:
 
     requested_levels = [int(x) for x in args.levels.split(",")] if args.levels else None
     max_batch = args.max_batch or max(requested_levels or [256])
-    provider = build_local_provider(TierConfig(
+    provider = build_local_provider(LocalTierConfig(
         name="bench", kind="local", model=args.model, engine=args.engine, device=args.device,
         dtype=args.dtype, max_batch=max_batch, max_queue=256, quantize=args.quantize,
         threads=args.threads, context_size=8192 if args.engine == "llama_cpp" else None,

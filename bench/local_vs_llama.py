@@ -303,11 +303,11 @@ async def engine_alone(engine: Any, prompts: list[list[int]], tokens: int) -> di
 
 async def engine_workload(bin_dir: Path, threads: int, levels: list[int], rounds: int,
                           tokens: int) -> dict[str, Any]:
-    from providers.config import TierConfig
+    from providers.local.config import LocalTierConfig
     from providers.local.engines import load_chat_engine
     from providers.local.prompt import PromptBuilder
 
-    cfg = TierConfig(name="bench", kind="local", model=MODEL, engine="llama_cpp", threads=threads,
+    cfg = LocalTierConfig(name="bench", kind="local", model=MODEL, engine="llama_cpp", threads=threads,
                      context_size=8192, max_batch=max(levels), prefix_cache=False)
     loaded, engine = load_chat_engine(cfg)
     engine.start()

@@ -18,7 +18,6 @@ from typing import Any
 
 import orjson
 import structlog
-from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
@@ -44,13 +43,7 @@ class Note:
     client_gone: bool = False
 
 
-class GatewayRequest(web.BaseRequest):
-    """The daemon's request: aiohttp's, plus the note the edge makes for it (a plain
-    attribute, not request storage: read and written once per request each)."""
-
-    note: Note | None = None
-
-
+# Fast path: docs/BENCHMARKS.md "buffered access line" (this buffer, _Clock, the direct renderer).
 class _BufferedLines:
     """Collects rendered lines and writes them to a byte stream as one write per batch:
     every ``flush_s`` (and at shutdown), or at once when ``MAX_PENDING_LINES`` pile up."""
@@ -145,7 +138,7 @@ class AccessLog:
             "status": status,
             "tier": note.tier,
             "attempts": note.attempts,
-            "latency_ms": int(seconds * 100_000 + 0.5) / 100,  # round(ms, 2), a third the cost
+            "latency_ms": round(seconds * 1000, 2),
             "prompt_tokens": usage.prompt_tokens if usage else None,
             "completion_tokens": usage.completion_tokens if usage else None,
             "key": key.name if key else None,

@@ -34,6 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(config.logging.level, config.logging.format)
     from gateway.runtime import StartupError
     from gateway.server import serve
+    from policies import PolicyError
 
     try:
         import uvloop
@@ -43,7 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if uvloop is not None:
             return uvloop.run(serve(config))
         return asyncio.run(serve(config))
-    except StartupError as exc:
+    except (StartupError, PolicyError) as exc:
         structlog.get_logger("gateway").error("startup_refused", reason=str(exc))
         return 2
     except OSError as exc:
@@ -53,8 +54,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    from providers.registry import needs_key
-
     env = dict(os.environ)
     print(f"config ok: {args.config}")
     server = config.server
@@ -70,11 +69,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         status = "enabled"
         if not t.enabled:
             status = "disabled"
-        elif needs_key(t) and t.resolve_api_key(env) is None:
+        elif t.needs_key and t.resolve_api_key(env) is None:
             status = f"no key in {t.key_source}: will not serve"
-        where = t.base_url or ("https://router.huggingface.co/v1" if t.kind == "huggingface" else t.model)
         price = "free" if t.price.is_free else f"${t.price.input}/${t.price.output} per 1M in/out"
-        print(f"  {i}. {t.name} [{t.kind}, {t.task}] model={t.model} via {where}")
+        print(f"  {i}. {t.name} [{t.kind}, {t.task}] model={t.model} via {t.location}")
         print(f"     answers: {', '.join(t.public_models)}; {price}; {status}")
     enabled = [t for t in config.tiers if t.enabled]
     names: list[str] = []

@@ -16,7 +16,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from policies.registry import PolicyError, policy_class
 from providers.config import TierConfig
+from providers.registry import KINDS, tier_configs
 from tracking import BudgetsConfig, KeyConfig, RedisConfig
 
 
@@ -87,6 +89,7 @@ class ServerConfig(BaseModel):
 class RoutingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # A name in policies.registry.POLICIES, or "package.module:Class".
     policy: str = "file_order"
     # Retries of one tier after its first try, for retryable errors.
     retries: int = Field(1, ge=0, le=10)
@@ -103,6 +106,15 @@ class RoutingConfig(BaseModel):
     # Circuit breaker: open after this many consecutive failures, half-open after reset.
     circuit_failures: int = Field(5, ge=1)
     circuit_reset_s: float = Field(30.0, gt=0)
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        try:
+            policy_class(v)
+        except PolicyError as exc:
+            raise ValueError(str(exc)) from exc
+        return v
 
 
 class LoggingConfig(BaseModel):
@@ -129,6 +141,7 @@ class Config(BaseSettings):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     budgets: BudgetsConfig = Field(default_factory=BudgetsConfig)
     keys: tuple[KeyConfig, ...] = ()
+    # Each entry is validated as its kind's own model (``providers.registry``).
     tiers: tuple[TierConfig, ...] = Field(min_length=1)
 
     @classmethod
@@ -142,6 +155,11 @@ class Config(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The environment beats the file (passed as init kwargs).
         return (env_settings, init_settings)
+
+    @field_validator("tiers", mode="before")
+    @classmethod
+    def _tiers_by_kind(cls, v: Any) -> Any:
+        return tier_configs().validate_python(v)
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -205,7 +223,7 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
         return Config(**data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        loc = tuple(first.get("loc", ()))
+        loc = _without_kind_tag(tuple(first.get("loc", ())))
         dotted = _dotted(loc)
         line = locate(text, loc)
         where = f"{source}:{line}" if line else source
@@ -216,6 +234,14 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
         if more:
             msg = f"{msg} (and {more} more problem{'s' if more > 1 else ''})"
         raise ConfigError(msg, where=where) from exc
+
+
+def _without_kind_tag(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """pydantic names the union member in a tier's error location (``tiers.1.openai.x``);
+    the file has no such key."""
+    if loc[:1] == ("tiers",) and len(loc) > 2 and isinstance(loc[1], int) and loc[2] in KINDS:
+        return loc[:2] + loc[3:]
+    return loc
 
 
 def _dotted(loc: Sequence[Any]) -> str:

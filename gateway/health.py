@@ -51,8 +51,7 @@ class TierHealth:
         return False
 
     def record_success(self, ttft_s: float | None = None, tpot_s: float | None = None) -> None:
-        """A call succeeded: the circuit closes, the latency averages take the sample.
-        (Once per request: the averages are updated inline.)"""
+        """A call succeeded: the circuit closes, the latency averages take the sample."""
         self.successes += 1
         self.consecutive_failures = 0
         if self.opened_at is not None or self.trial_in_flight:

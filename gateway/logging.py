@@ -55,6 +55,7 @@ def _scrub(value: Any, depth: int = 0) -> Any:
 # Context keys that name a secret's *source* or a token count, not a secret.
 _ALLOWED = frozenset({"key", "key_name", "key_source", "tokens", "prompt_tokens",
                       "completion_tokens", "total_tokens", "api_key_env"})
+# Fast path: docs/BENCHMARKS.md "redaction answers cached per key".
 # Context key -> whether it names a secret. Log call sites use a small, fixed set of
 # keys, so the answer is remembered (bounded, in case some caller makes keys up).
 _secret_key_cache: dict[str, bool] = {}

@@ -1,17 +1,17 @@
-"""The small types routing shares: a tier as the router holds it, what a served request
-returns, what one request's walk over the tiers noted, and the errors that end it."""
+"""The small types routing shares: a tier as one generation serves it, what a served
+request returns, and the errors that end a walk."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from gateway.health import TierHealth
+from policies.base import TierView
 from providers.base import Provider
 from providers.config import TierConfig
 from providers.schemas import ChatRequest
-from tracking import Refusal
 
 T = TypeVar("T")
 
@@ -47,48 +47,55 @@ class StreamBroken(Exception):
         self.tier = tier
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class Tier:
+    """A tier as one generation serves it. Everything here is decided when the
+    generation is built; only ``health`` (owned by this generation) changes."""
+
+    name: str
     cfg: TierConfig
     provider: Provider
     health: TierHealth
-    position: int
-    # Set by the router: the tier costs money (calls need a budget hold), and whether
-    # its provider bounds each call by ``cfg.timeout_s`` itself.
-    priced: bool = False
-    name: str = field(init=False)
-    self_timed: bool = field(init=False)
+    position: int  # its place in the TOML file
+    # Costs money by the generation's price table: every call needs a budget hold.
+    priced: bool
+    # From the provider's capabilities: it bounds each call by ``cfg.timeout_s`` itself,
+    # and a timed-out call may be tried again.
+    self_timed: bool
+    retry_timeouts: bool
 
-    def __post_init__(self) -> None:
-        self.name = self.cfg.name
-        self.self_timed = self.provider.capabilities.self_timed
+    @classmethod
+    def build(cls, cfg: TierConfig, provider: Provider, health: TierHealth, *, position: int,
+              priced: bool) -> Tier:
+        caps = provider.capabilities
+        return cls(name=cfg.name, cfg=cfg, provider=provider, health=health, position=position,
+                   priced=priced, self_timed=caps.self_timed, retry_timeouts=caps.retry_timeouts)
+
+    def view(self) -> TierView:
+        """A read-only snapshot for a policy."""
+        h = self.health
+        circuit_open = h.state == "open"
+        return TierView(
+            name=self.name,
+            kind=self.cfg.kind,
+            position=self.position,
+            price_input=self.cfg.price.input,
+            price_output=self.cfg.price.output,
+            healthy=self.provider.ready and not circuit_open,
+            circuit_open=circuit_open,
+            ttft_ewma_s=h.ttft_ewma_s,
+            tpot_ewma_s=h.tpot_ewma_s,
+            in_flight=h.in_flight,
+        )
 
 
-@dataclass
+@dataclass(slots=True)
 class Served(Generic[T]):
+    """A whole answer: the result, the tier that gave it, the attempts it took."""
+
     result: T
     tier: str
     attempts: int
-
-
-class Trail:
-    """What happened while routing one request, for the error message and the log.
-    (A plain class: one is made per request, and a dataclass's default factories cost
-    more than the rest of it.)"""
-
-    __slots__ = ("attempts", "failures", "refusals", "admitted_tokens")
-
-    def __init__(self) -> None:
-        self.attempts = 0
-        self.failures: list[str] = []
-        self.refusals: list[Refusal] = []
-        # Tokens admit() charged to the key's tokens-per-minute; the first settle
-        # corrects it.
-        self.admitted_tokens: int | None = None
-
-    def take_admitted(self) -> int | None:
-        tokens, self.admitted_tokens = self.admitted_tokens, None
-        return tokens
 
 
 def estimate_prompt_tokens(req: ChatRequest) -> int:

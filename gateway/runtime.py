@@ -1,7 +1,11 @@
-"""The running state of one daemon: config, providers, router, ledger, keys.
+"""The running state of one daemon process, and its current generation.
 
-Built from a ``Config``, started once, stopped once. Nothing global: the aiohttp app
-holds the runtime, handlers read it from there.
+Two lifetimes. The ``Runtime`` holds what lives as long as the process: the ledger (its
+Redis connection and journal), the providers (``ProviderPool``, one per tier config),
+the background tasks, the access log. A ``Generation`` (``gateway.generation``) is what
+one config builds; the runtime points at the current one, and ``swap`` replaces it in
+one step. Nothing global: the server holds the runtime, handlers read the generation
+from the request.
 """
 
 from __future__ import annotations
@@ -15,36 +19,20 @@ from pathlib import Path
 
 import structlog
 
-from gateway.config import Config
-from gateway.health import TierHealth
 from gateway.accesslog import AccessLog
-from gateway.router import Router
-from gateway.routing import Tier
+from gateway.config import Config
+from gateway.generation import Generation, price_table
 from gateway.tasks import BackgroundTasks
-from policies import FileOrder, Policy
 from providers.base import Provider
 from providers.config import TierConfig
-from providers.registry import MissingKey, build_provider
-from tracking import KeyStore, Ledger, Price, PriceTable
+from providers.registry import build_provider
+from tracking import KeyStore, Ledger
 
 log = structlog.get_logger(__name__)
 
 
 class StartupError(Exception):
     """The daemon must not start with this config (an unsafe bind, say)."""
-
-
-def price_table(tiers: tuple[TierConfig, ...]) -> PriceTable:
-    return PriceTable(
-        {
-            t.name: Price(
-                input_usd_per_m=t.price.input,
-                output_usd_per_m=t.price.output,
-                models={m: (p.input, p.output) for m, p in t.price.models.items()},
-            )
-            for t in tiers
-        }
-    )
 
 
 def state_dir(config: Config, environ: Mapping[str, str]) -> Path:
@@ -62,66 +50,79 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-POLICIES: dict[str, type] = {"file_order": FileOrder}
+class ProviderPool:
+    """The process's providers, one per tier config (and key): a generation built from
+    an edited file gets the same provider for every tier the edit left alone, so an
+    unchanged local model is never loaded twice."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        self._providers: dict[tuple[str, str, str | None], Provider] = {}
+
+    def provider_for(self, cfg: TierConfig) -> Provider:
+        """The provider for ``cfg``, made on first use; ``MissingKey`` as
+        ``providers.registry.build_provider`` raises it."""
+        key = (cfg.kind, cfg.model_dump_json(), cfg.resolve_api_key(self._environ))
+        provider = self._providers.get(key)
+        if provider is None:
+            provider = self._providers[key] = build_provider(cfg, self._environ)
+        return provider
+
+    async def aclose(self) -> None:
+        for provider in list(self._providers.values()):
+            try:
+                await provider.aclose()
+            except Exception as exc:  # one tier failing to close must not stop the rest
+                log.error("tier_close_failed", tier=provider.name, error=repr(exc))
+        self._providers.clear()
 
 
 class Runtime:
     def __init__(self, config: Config, *, environ: Mapping[str, str] | None = None) -> None:
-        self.config = config
         self.environ = dict(os.environ if environ is None else environ)
         self.started_at = time.time()
         self.background = BackgroundTasks()
         self.access_log = AccessLog(config.logging.level, config.logging.format)
-        self.keys = KeyStore(config.keys)
-        self.prices = price_table(config.tiers)
         self.state_dir = state_dir(config, self.environ)
         journal = config.redis.journal or (self.state_dir / "usage-journal.jsonl")
-        self.ledger = Ledger(config.redis, config.budgets, self.prices, self.keys, Path(journal))
-        self.disabled: dict[str, str] = {}  # tier name -> why it is not serving
-        self.providers: dict[str, Provider] = {}
-        tiers: list[Tier] = []
-        for position, cfg in enumerate(config.tiers):
-            if not cfg.enabled:
-                self.disabled[cfg.name] = "disabled in config"
-                continue
-            try:
-                provider = build_provider(cfg, self.environ)
-            except MissingKey as exc:
-                self.disabled[cfg.name] = str(exc)
-                continue
-            self.providers[cfg.name] = provider
-            tiers.append(
-                Tier(
-                    cfg=cfg,
-                    provider=provider,
-                    health=TierHealth(
-                        failures_to_open=config.routing.circuit_failures,
-                        reset_after_s=config.routing.circuit_reset_s,
-                    ),
-                    position=position,
-                )
-            )
-        self.router = Router(
-            tiers=tiers,
-            policy=self._policy(),
-            routing=config.routing,
-            ledger=self.ledger,
-            prices=self.prices,
-            background=self.background,
-        )
+        self.ledger = Ledger(config.redis, config.budgets, price_table(config.tiers),
+                             KeyStore(config.keys), Path(journal))
+        self.providers = ProviderPool(self.environ)
+        self.generation = self.build(config)
 
-    def _policy(self) -> Policy:
-        name = self.config.routing.policy
-        if name not in POLICIES:
-            raise StartupError(f"routing.policy {name!r} is unknown; known: {', '.join(POLICIES)}")
-        return POLICIES[name]()
+    # -- generations ------------------------------------------------------------------
+
+    def build(self, config: Config) -> Generation:
+        """A generation for ``config``, with this process's providers and ledger. Its new
+        providers are not started: ``install`` starts them before the swap."""
+        return Generation(config, provider_for=self.providers.provider_for, ledger=self.ledger,
+                          background=self.background)
+
+    def swap(self, generation: Generation) -> Generation:
+        """Make ``generation`` the one new requests get, in one step, and give the ledger
+        its keys, prices and budgets. Returns the generation it replaces: requests in
+        flight finish on it."""
+        old, self.generation = self.generation, generation
+        self.ledger.reconfigure(budgets=generation.config.budgets, prices=generation.prices,
+                                keys=generation.keys)
+        return old
+
+    async def install(self, config: Config) -> Generation:
+        """Build a generation for ``config``, start its providers (those it shares with
+        the current one are started already), then swap it in. Returns the old one."""
+        generation = self.build(config)
+        await asyncio.gather(*(p.start() for p in generation.providers.values()))
+        return self.swap(generation)
+
+    # -- the process ------------------------------------------------------------------
 
     def check_bind_safety(self) -> None:
         """Without keys, only loopback and the Unix socket may serve, unless the operator
         explicitly allowed unauthenticated access."""
-        server = self.config.server
+        generation = self.generation
+        server = generation.config.server
         listen = server.listen
-        if listen is None or not self.keys.empty or server.allow_unauthenticated:
+        if listen is None or not generation.keys.empty or server.allow_unauthenticated:
             return
         host = listen[0]
         if not is_loopback(host):
@@ -131,56 +132,28 @@ class Runtime:
             )
 
     async def start(self) -> None:
+        generation = self.generation
+        server = generation.config.server
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        for name, why in self.disabled.items():
+        for name, why in generation.disabled.items():
             log.warning("tier_unavailable", tier=name, reason=why)
-        if self.keys.empty:
-            log.warning("serving_without_authentication",
-                        http=self.config.server.http or None,
-                        unix_socket=self.config.server.unix_socket or None)
-        await asyncio.gather(*(p.start() for p in self.providers.values()))
+        if generation.keys.empty:
+            log.warning("serving_without_authentication", http=server.http or None,
+                        unix_socket=server.unix_socket or None)
+        await asyncio.gather(*(p.start() for p in generation.providers.values()))
         await self.ledger.start()
-        log.info(
-            "runtime_started",
-            tiers=list(self.providers),
-            ledger=self.ledger.state,
-            keys=len(self.keys),
-        )
+        log.info("runtime_started", tiers=list(generation.tiers), ledger=self.ledger.state,
+                 keys=len(generation.keys))
 
     async def stop(self, drain_timeout: float) -> None:
         if not await self.background.drain(drain_timeout):
             log.warning("background_work_unfinished", pending=len(self.background))
-        for name, p in self.providers.items():
-            try:
-                await p.aclose()
-            except Exception as exc:  # one tier failing to close must not stop the rest
-                log.error("tier_close_failed", tier=name, error=repr(exc))
+        await self.providers.aclose()
         await self.ledger.aclose()
         self.access_log.flush()
 
-    def readiness(self) -> tuple[bool, dict[str, object]]:
-        tiers: dict[str, object] = {}
-        usable = False
-        for name, tier in self.router.tiers.items():
-            p = tier.provider
-            state = tier.health.state
-            info: dict[str, object] = {"kind": tier.cfg.kind, "task": tier.cfg.task,
-                                       "ready": p.ready, "circuit": state}
-            load_error = getattr(p, "load_error", None)
-            if load_error:
-                info["error"] = load_error
-            engine_down = getattr(p, "engine_down", None)
-            if engine_down:
-                info["error"] = f"engine down: {engine_down}"
-            engine = getattr(p, "engine", None)  # a local tier: its batch and queue
-            if engine is not None:
-                info["active"], info["waiting"] = engine.active, engine.waiting
-            info["in_flight"] = tier.health.in_flight
-            tiers[name] = info
-            if p.ready and state != "open" and tier.cfg.task == "chat":
-                usable = True
-        for name, why in self.disabled.items():
-            tiers[name] = {"ready": False, "error": why}
+    def readiness(self, generation: Generation) -> tuple[bool, dict[str, object]]:
+        """/readyz: ``generation``'s tiers, and the ledger's state."""
+        usable, tiers = generation.readiness()
         ledger = "replaying" if self.ledger.replaying else self.ledger.state
-        return usable, {"status": "ready" if usable else "not_ready",
-                        "ledger": ledger, "tiers": tiers}
+        return usable, {"status": "ready" if usable else "not_ready", "ledger": ledger, "tiers": tiers}

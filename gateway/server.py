@@ -59,6 +59,7 @@ def inherited_sockets(environ: Mapping[str, str] | None = None) -> list[socket.s
     return socks
 
 
+# Fast path: docs/BENCHMARKS.md "cycle collector settings".
 # Objects allocated, net, between young-generation collections (CPython's default: 700).
 # A request allocates a few hundred objects that nearly all die by reference counting,
 # so the default runs the cycle collector every other request for almost nothing.
@@ -102,6 +103,14 @@ def prepare_unix_socket(path: Path) -> None:
     finally:
         probe.close()
     raise OSError(errno.EADDRINUSE, f"{path} is in use by another process")
+
+
+def address(sockname: object) -> str:
+    """A listening socket's name (``getsockname()``) as a URL, or ``unix:<path>``."""
+    if isinstance(sockname, tuple):
+        host, port = sockname[0], sockname[1]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"unix:{sockname}"
 
 
 class Server:
@@ -159,21 +168,10 @@ class Server:
             # Ours from here on: removed on exit (never a live socket we failed to take).
             self._socket_path = socket_path
             os.chmod(socket_path, server.socket_mode)
-        self.addresses = [self._address(s) for s in sites]
+        self.addresses = [address(name) for name in self.runner.addresses]
         self._gc_thresholds = settle_gc()
         sd_notify("READY=1\nSTATUS=serving", self.environ)
         log.info("listening", addresses=self.addresses)
-
-    @staticmethod
-    def _address(site: web.BaseSite) -> str:
-        srv = site._server  # aiohttp keeps the asyncio server here; its sockets are the truth
-        if srv is not None and getattr(srv, "sockets", None):
-            name = srv.sockets[0].getsockname()
-            if isinstance(name, tuple):
-                host, port = name[0], name[1]
-                return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-            return f"unix:{name}"
-        return site.name
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -1,30 +1,31 @@
-"""A stream after its first token: read it on, settle each tier's part with the ledger,
-and when the tier breaks either resume the text on the next tier able to continue it
-(``stream_failover = "resume"``) or end with ``StreamBroken``, never a clean end."""
+"""Streams: opening one on a tier (up to its first meaningful chunk), and reading it on
+after that, settling each tier's part; when the tier breaks, either resume the text on
+the next tier able to continue it (``stream_failover = "resume"``) or end with
+``StreamBroken``, never a clean end."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
-from gateway.routing import StreamBroken, Tier, Trail, estimate_prompt_tokens
+from gateway.attempt import Attempt, Outcome, Walk
+from gateway.routing import StreamBroken, Tier, estimate_prompt_tokens
 from providers.errors import CapacityError, FatalError, ProviderError, RetryableError
 from providers.schemas import ChatChunk, ChatRequest, ChunkChoice, Usage
-from tracking import ApiKey, Hold, Refusal
-
-if TYPE_CHECKING:
-    from gateway.router import Router
 
 log = structlog.get_logger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class OpenStream:
+    """A tier's stream after its first meaningful chunk: the chunks read so far (held
+    back from the client until now) and how long the first one took."""
+
     iterator: AsyncIterator[ChatChunk]
     held: list[ChatChunk]
     started: float
@@ -50,9 +51,35 @@ async def aclose_quietly(it: AsyncIterator[Any]) -> None:
             log.debug("stream_close_failed", error=repr(exc))
 
 
-def stream_call(router: Router, tier: Tier, req: ChatRequest, deadline: float) -> Awaitable[OpenStream]:
-    """The router's attempt to open a stream on ``tier`` (see ``Router._open_on``)."""
-    return router._open_on(tier, req, deadline)
+async def open_stream(attempt: Attempt, req: ChatRequest) -> OpenStream:
+    """The attempt's call for a stream: start it on the attempt's tier and read up to its
+    first meaningful chunk (role-only deltas are held back, so a stall right after them
+    is still invisible), within the first-token timeout."""
+    tier = attempt.tier
+    first_token_timeout = attempt.walk.services.routing.first_token_timeout_s
+    started = time.monotonic()
+    it = tier.provider.stream(attempt.capped(req)).__aiter__()
+    held: list[ChatChunk] = []
+    try:
+        timeout = min(first_token_timeout, max(attempt.walk.deadline - started, 0.001))
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    chunk = await anext(it)
+                except StopAsyncIteration:
+                    raise RetryableError(
+                        "upstream stream ended before its first token", tier=tier.name
+                    ) from None
+                held.append(chunk)
+                if meaningful(chunk):
+                    break
+    except TimeoutError as exc:
+        await aclose_quietly(it)
+        raise RetryableError(f"no first token within {first_token_timeout:.1f}s", tier=tier.name) from exc
+    except BaseException:
+        await aclose_quietly(it)
+        raise
+    return OpenStream(iterator=it, held=held, started=started, ttft_s=time.monotonic() - started)
 
 
 class ServedStream:
@@ -60,42 +87,26 @@ class ServedStream:
 
     Usage is settled with the ledger when each tier's part ends, however it ends. With
     ``stream_failover = "resume"`` a failure after the first byte continues on the next
-    tier able to resume; otherwise iteration raises ``StreamBroken``.
+    tier able to resume (``remaining``: the ranked tiers after the one serving);
+    otherwise iteration raises ``StreamBroken``.
     """
 
-    def __init__(
-        self,
-        *,
-        router: Router,
-        req: ChatRequest,
-        key: ApiKey | None,
-        deadline: float,
-        trail: Trail,
-        tier: Tier,
-        hold: Hold | None,
-        opened: OpenStream,
-        remaining: list[Tier],
-    ) -> None:
-        self._router = router
-        self._req = req
-        self._key = key
-        self._deadline = deadline
-        self._trail = trail
-        self._tier = tier
-        self._hold = hold
+    def __init__(self, walk: Walk, attempt: Attempt, opened: OpenStream, *, remaining: list[Tier]) -> None:
+        self._walk = walk
+        self._attempt = attempt
         self._opened = opened
         self._remaining = remaining
         self._text: dict[int, str] = {}
         self._pieces = 0
         self._usage: Usage | None = None
         self._settled = False  # the current tier's part
-        self.tier = tier.name
-        self.tiers_used = [tier.name]
+        self.tier = attempt.tier.name
+        self.tiers_used = [attempt.tier.name]
         self.usage_total = Usage()
 
     @property
     def attempts(self) -> int:
-        return self._trail.attempts
+        return self._walk.attempts
 
     def __aiter__(self) -> AsyncIterator[ChatChunk]:
         return self._chunks()
@@ -107,22 +118,23 @@ class ServedStream:
                 async for chunk in self._read_current(first):
                     yield chunk
             except (RetryableError, CapacityError) as exc:
-                failed = self._tier
-                self._router._tier_failed(failed, exc, self._trail)
+                failed = self._attempt
+                failed.failed(exc)
                 await aclose_quietly(self._opened.iterator)
-                self._settle_current(outcome="failed")
+                self._settle_current("failed")
                 if not await self._resume(exc):
                     raise StreamBroken(
-                        f"tier {failed.name} failed mid-stream: {exc.message}", tier=failed.name
+                        f"tier {failed.tier.name} failed mid-stream: {exc.message}", tier=failed.tier.name
                     ) from exc
                 first = False
                 continue
-            self._settle_current(outcome="ok")
+            self._settle_current("ok")
             return
 
     async def _read_current(self, first: bool) -> AsyncIterator[ChatChunk]:
         opened = self._opened
-        routing = self._router.routing
+        inter_token_timeout = self._walk.services.routing.inter_token_timeout_s
+        tier_name = self._attempt.tier.name
         held, opened.held = opened.held, []
         for chunk in held:
             out = self._track(chunk, skip_role=not first)
@@ -130,10 +142,10 @@ class ServedStream:
                 yield out
         it = opened.iterator
         while True:
-            remaining = self._deadline - time.monotonic()
+            remaining = self._walk.deadline - time.monotonic()
             if remaining <= 0:
-                raise RetryableError("request deadline passed mid-stream", tier=self._tier.name)
-            timeout = min(routing.inter_token_timeout_s, remaining)
+                raise RetryableError("request deadline passed mid-stream", tier=tier_name)
+            timeout = min(inter_token_timeout, remaining)
             try:
                 async with asyncio.timeout(timeout):
                     chunk = await anext(it)
@@ -141,7 +153,7 @@ class ServedStream:
                 return
             except TimeoutError as exc:
                 raise RetryableError(
-                    f"no token for {timeout:.1f}s (inter-token timeout)", tier=self._tier.name
+                    f"no token for {timeout:.1f}s (inter-token timeout)", tier=tier_name
                 ) from exc
             out = self._track(chunk, skip_role=False)
             if out is not None:
@@ -170,37 +182,33 @@ class ServedStream:
             return None
         return ChatChunk(choices=tuple(choices), model=chunk.model)
 
-    def _settle_current(self, *, outcome: str) -> None:
+    def _settle_current(self, outcome: Outcome) -> None:
         """Settle the current tier's part: usage to the ledger, latency to health.
         ``outcome`` is "ok", "failed" (the tier broke) or "cancelled" (the client left)."""
         if self._settled:
             return
         self._settled = True
-        router, tier = self._router, self._tier
+        attempt = self._attempt
         usage = self._usage or Usage(
-            prompt_tokens=estimate_prompt_tokens(self._req) if self._pieces else 0,
+            prompt_tokens=estimate_prompt_tokens(attempt.req) if self._pieces else 0,
             completion_tokens=self._pieces,
         )
         self.usage_total = self.usage_total + usage
-        tier.health.in_flight -= 1
+        ttft = tpot = None
         if outcome == "ok":
-            tpot = None
+            ttft = self._opened.ttft_s
             if usage.completion_tokens > 1:
                 total = time.monotonic() - self._opened.started
-                tpot = max(total - self._opened.ttft_s, 0.0) / (usage.completion_tokens - 1)
-            tier.health.record_success(ttft_s=self._opened.ttft_s, tpot_s=tpot)
-        elif outcome == "cancelled":
-            tier.health.release_trial()
-        router._settle(tier, self._req, self._key, self._hold, usage, self._trail, error=outcome == "failed")
-        self._hold = None
+                tpot = max(total - ttft, 0.0) / (usage.completion_tokens - 1)
+        attempt.finish(usage, outcome, ttft_s=ttft, tpot_s=tpot)
 
     async def _resume(self, cause: ProviderError) -> bool:
         """Continue the answer on the next tier able to; False when none can."""
-        router = self._router
-        if router.routing.stream_failover != "resume" or self._req.n != 1:
+        current = self._attempt.req
+        if self._walk.services.routing.stream_failover != "resume" or current.n != 1:
             return False
         prefix = self._text.get(0, "")
-        req = self._req.replace(assistant_prefix=(self._req.assistant_prefix or "") + prefix)
+        req = current.replace(assistant_prefix=(current.assistant_prefix or "") + prefix)
         if req.max_tokens is not None:
             produced = self.usage_total.completion_tokens
             if produced >= req.max_tokens:
@@ -209,32 +217,25 @@ class ServedStream:
         self._text = {}
         while self._remaining:
             tier = self._remaining.pop(0)
-            if not (tier.provider.capabilities.resume and tier.provider.ready and tier.health.allow()):
+            if not tier.provider.capabilities.resume:
                 continue
-            outcome = await router._hold_for(req, tier, self._key, None, False)
-            if isinstance(outcome, Refusal):
-                tier.health.release_trial()
+            attempt = Attempt(self._walk, tier, req)
+            if not attempt.available():
                 continue
-            tier_req = router._bounded(req, tier)
-            tier.health.in_flight += 1
+            if tier.priced and not await attempt.hold_budget():
+                continue
             try:
-                opened = await router._call_with_retries(
-                    tier, self._trail, self._deadline, stream_call, tier_req
-                )
-            except (RetryableError, CapacityError) as exc:
-                tier.health.in_flight -= 1
-                router._tier_failed(tier, exc, self._trail)
-                router._settle(tier, req, self._key, outcome, Usage(), self._trail, error=True)
+                opened = await attempt.call(open_stream, req)
+            except (RetryableError, CapacityError):
+                continue  # recorded by the attempt
+            except FatalError as exc:
+                # Unlike before the first byte, the client's request is not at fault
+                # here: this tier refused the continuation. The next one may take it.
+                log.info("stream_resume_refused", tier=tier.name, reason=exc.message)
                 continue
-            except FatalError:
-                tier.health.in_flight -= 1
-                tier.health.release_trial()
-                router._release(outcome)
-                continue
-            log.info("stream_resumed", from_tier=self._tier.name, to_tier=tier.name,
+            log.info("stream_resumed", from_tier=self._attempt.tier.name, to_tier=tier.name,
                      cause=cause.message, prefix_chars=len(prefix))
-            self._req = req
-            self._tier, self._hold, self._opened = tier, outcome, opened
+            self._attempt, self._opened = attempt, opened
             self._settled = False
             self.tiers_used.append(tier.name)
             return True
@@ -244,4 +245,4 @@ class ServedStream:
         """Close the upstream (the client left, or the stream ended) and settle."""
         if not self._settled:
             await aclose_quietly(self._opened.iterator)
-            self._settle_current(outcome="cancelled")
+            self._settle_current("cancelled")

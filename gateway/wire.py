@@ -31,6 +31,7 @@ dumps = orjson.dumps  # compact UTF-8 JSON, as bytes
 loads = orjson.loads
 
 
+# Fast path: docs/BENCHMARKS.md "request bodies as TypedDicts".
 # Request bodies are TypedDicts validated by a TypeAdapter: pydantic checks every known
 # field's type and range and returns a plain dict of the known fields, without building a
 # model instance per request and per message (several times cheaper on the hot path).
@@ -114,100 +115,6 @@ class EmbeddingBody(TypedDict, total=False):
 
 CHAT_BODY: TypeAdapter[ChatCompletionBody] = TypeAdapter(ChatCompletionBody)
 EMBEDDING_BODY: TypeAdapter[EmbeddingBody] = TypeAdapter(EmbeddingBody)
-
-
-# -- the plain request, without pydantic -------------------------------------------------
-#
-# Most requests are a model, a few role/content messages and a handful of numbers. For
-# those, ``plain_chat_request`` builds the ``ChatRequest`` that ``CHAT_BODY`` and
-# ``chat_request`` would, checked in plain Python and without the intermediate dict:
-# pydantic-core is quick in a loop but costs ~16 us of CPU per request inside the running
-# daemon (bench/overhead_ab.py), most of the gap to the target. Anything else (a tool, an
-# image part, a wrong type, a value out of range, a missing field) returns None and
-# ``CHAT_BODY`` decides, and words the error. tests/gateway/test_wire.py checks that the
-# two agree.
-
-_PLAIN_ROLES = frozenset(("system", "developer", "user", "assistant"))
-_PLAIN_MESSAGE_KEYS = frozenset(("role", "content", "name"))
-# Number fields of a plain body: (a float field, may be null, least, most); None for no
-# bound. As declared in ChatCompletionBody. Each is the ChatRequest field of its name,
-# except max_completion_tokens, which wins over max_tokens.
-_PLAIN_NUMBERS: dict[str, tuple[bool, bool, float | None, float | None]] = {
-    "max_tokens": (False, True, 1, None),
-    "max_completion_tokens": (False, True, 1, None),
-    "temperature": (True, True, 0, 2),
-    "top_p": (True, True, 0, 1),
-    "top_k": (False, True, 0, None),
-    "n": (False, False, 1, 128),
-    "seed": (False, True, None, None),
-    "presence_penalty": (True, True, -2, 2),
-    "frequency_penalty": (True, True, -2, 2),
-}
-# Known fields a plain body may not carry: only CHAT_BODY checks these.
-_NOT_PLAIN = frozenset(("tools", "tool_choice", "response_format", "stream_options"))
-
-
-def plain_chat_request(raw: dict[str, Any], request_id: str) -> ChatRequest | None:
-    """``chat_request(CHAT_BODY.validate_python(raw), raw, request_id)`` for a plainly
-    valid body, built directly; None for any other body."""
-    model = raw.get("model")
-    messages = raw.get("messages")
-    if type(model) is not str or not model or type(messages) is not list or not messages:
-        return None
-    for m in messages:
-        if (
-            type(m) is not dict
-            or m.get("role") not in _PLAIN_ROLES
-            or type(m.get("content")) is not str
-            or not _PLAIN_MESSAGE_KEYS.issuperset(m)
-            or type(m.get("name", "")) is not str
-        ):
-            return None
-    req = ChatRequest(model, tuple(messages), raw, request_id=request_id)
-    if len(raw) == 2:  # model and messages alone
-        return req
-    completion_cap = None
-    for name, value in raw.items():
-        bounds = _PLAIN_NUMBERS.get(name)
-        if bounds is not None:
-            is_float, nullable, least, most = bounds
-            if value is None:
-                if not nullable:
-                    return None
-            else:
-                kind = type(value)
-                if kind is not int and not (is_float and kind is float):
-                    return None
-                if (least is not None and value < least) or (most is not None and value > most):
-                    return None
-                if is_float:
-                    value = float(value)
-            if name == "max_completion_tokens":
-                completion_cap = value
-            else:
-                setattr(req, name, value)
-        elif name == "stream":
-            if type(value) is not bool:
-                return None
-            req.stream = value
-        elif name == "stop":
-            if value is None:
-                pass
-            elif type(value) is str:
-                req.stop = (value,)
-            elif type(value) is list and len(value) <= MAX_STOP_SEQUENCES and all(type(v) is str for v in value):
-                req.stop = tuple(value)
-            else:
-                return None
-        elif name == "user":
-            if value is not None and type(value) is not str:
-                return None
-            req.user = value
-        elif name in _NOT_PLAIN:
-            return None
-    if completion_cap is not None:
-        req.max_tokens = completion_cap
-    return req
 
 
 def chat_request(body: ChatCompletionBody, raw: dict[str, Any], request_id: str) -> ChatRequest:

@@ -2,5 +2,6 @@
 
 from policies.base import Policy, TierView
 from policies.file_order import FileOrder
+from policies.registry import POLICIES, PolicyError, load_policy, policy_class
 
-__all__ = ["FileOrder", "Policy", "TierView"]
+__all__ = ["POLICIES", "FileOrder", "Policy", "PolicyError", "TierView", "load_policy", "policy_class"]

@@ -2,14 +2,14 @@
 
 Policies are pure and synchronous: they read ``TierView``s (read-only snapshots) and
 return tier names, best first. No I/O, no clocks, no mutation: easy to test and to
-write for a user ("package.module:Class" in TOML).
+write for a user ("package.module:Class" in TOML, see ``policies.registry``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 from providers.schemas import ChatRequest
 
@@ -29,9 +29,13 @@ class TierView:
     budget_headroom_usd: float | None = None  # None: no budget applies
 
 
-@runtime_checkable
 class Policy(Protocol):
     name: str
+    # True when ``rank`` reads only what a tier's config fixes (name, kind, position,
+    # price), never the request or live state, and ranks a subset of tiers in the order
+    # it ranks them all: the router then ranks each model's tiers once and keeps the
+    # order. A policy without the attribute is taken as live (False).
+    static_order: bool
 
     def rank(self, request: ChatRequest, tiers: Sequence[TierView]) -> list[str]:
         """Tier names in the order to try them; a tier left out is not tried."""

@@ -10,6 +10,7 @@ from providers.schemas import ChatRequest
 
 class FileOrder:
     name = "file_order"
+    static_order = True
 
     def rank(self, request: ChatRequest, tiers: Sequence[TierView]) -> list[str]:
         return [t.name for t in sorted(tiers, key=lambda t: t.position)]

@@ -1,8 +1,10 @@
 """The Provider seam: one tier of inference, local or remote.
 
-A provider is constructed from its ``TierConfig`` and what the app hands it (nothing
-global), started once (``start``: open pools, load a model off the event loop), then
-asked to ``chat``, ``stream``, ``embed`` and ``probe`` until ``aclose``.
+A provider is constructed from its tier's config (its kind's ``TierConfig`` model) and
+its API key (nothing global), started once (``start``: open pools, load a model off the
+event loop), then asked to ``chat``, ``stream``, ``embed`` and ``probe`` until
+``aclose``. ``status`` says how it is (for /readyz, later metrics); ``capabilities``
+what it can do, which is all the router asks of a kind.
 
 Errors are typed (``providers.errors``): ``RetryableError``, ``CapacityError``,
 ``FatalError``. The router owns retries, deadlines and first-token / inter-token
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 from providers.schemas import (
     ChatChunk,
@@ -38,9 +40,22 @@ class Capabilities:
     # session carries that timeout): the router adds no timer of its own unless the
     # request's deadline is nearer.
     self_timed: bool = False
+    # A call that ran out of time may succeed if tried again (an API that was slow for
+    # a moment). False where the same work would run out of time again (a local
+    # generation): the router fails over at once instead of retrying.
+    retry_timeouts: bool = True
 
 
-@runtime_checkable
+@dataclass(frozen=True, slots=True)
+class ProviderStatus:
+    """How a provider is, as it reports it (never guessed from its attributes)."""
+
+    ready: bool
+    error: str | None = None  # why it is not ready (a failed load, say)
+    active: int | None = None  # sequences being generated now (an in-process engine)
+    waiting: int | None = None  # sequences queued behind them
+
+
 class Provider(Protocol):
     name: str
     kind: str
@@ -64,6 +79,9 @@ class Provider(Protocol):
 
     async def probe(self) -> Health:
         """A cheap liveness check, for health checks and /readyz."""
+
+    def status(self) -> ProviderStatus:
+        """Readiness, the reason when not ready, and the load it carries; cheap."""
 
     async def aclose(self) -> None:
         """Release sessions, threads and memory."""

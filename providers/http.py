@@ -25,7 +25,7 @@ import aiohttp
 import orjson
 import structlog
 
-from providers.config import TierConfig
+from providers.config import RemoteTierConfig
 from providers.errors import FatalError, ProviderError, RetryableError, error_body, error_type_for
 
 log = structlog.get_logger(__name__)
@@ -37,7 +37,7 @@ _MASK = "***"
 _MAX_MESSAGE_CHARS = 2000
 
 
-def client_timeout(cfg: TierConfig) -> aiohttp.ClientTimeout:
+def client_timeout(cfg: RemoteTierConfig) -> aiohttp.ClientTimeout:
     """Connect fast; the whole call, body read included, within the tier's ``timeout_s``.
 
     The router relies on this bound (``Capabilities.self_timed``) and adds its own timer
@@ -52,7 +52,7 @@ def client_timeout(cfg: TierConfig) -> aiohttp.ClientTimeout:
     )
 
 
-def create_session(cfg: TierConfig, headers: Mapping[str, str] | None = None) -> aiohttp.ClientSession:
+def create_session(cfg: RemoteTierConfig, headers: Mapping[str, str] | None = None) -> aiohttp.ClientSession:
     """A pooled session for one tier. Call from inside the running event loop."""
     connector = aiohttp.TCPConnector(limit=cfg.max_connections, limit_per_host=0)
     return aiohttp.ClientSession(
@@ -63,7 +63,7 @@ def create_session(cfg: TierConfig, headers: Mapping[str, str] | None = None) ->
     )
 
 
-def auth_headers(cfg: TierConfig, api_key: str | None) -> dict[str, str]:
+def auth_headers(cfg: RemoteTierConfig, api_key: str | None) -> dict[str, str]:
     """The tier's configured headers plus ``Authorization: Bearer`` when a key is set."""
     headers = dict(cfg.headers)
     if api_key:

@@ -7,7 +7,8 @@ Hugging Face's differences:
   like ``meta-llama/Llama-3.1-8B-Instruct``, optionally with a ``:provider`` suffix). A
   dedicated Inference Endpoint / TGI serves the Messages API under ``/v1``, so a
   ``base_url`` that does not end in ``/v1`` gets it appended.
-- The token is ``HF_TOKEN`` unless the tier names another (``TierConfig.resolve_api_key``).
+- The token is ``HF_TOKEN`` unless the tier names another; the tier does not serve
+  without one.
 - A model still loading answers 503 ``{"error": "... is currently loading",
   "estimated_time": 20.0}``: that is a ``RetryableError`` with ``retry_after`` set to
   the estimate. Plain ``{"error": "text"}`` bodies become OpenAI-shaped errors.
@@ -20,16 +21,28 @@ Hugging Face's differences:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar, Literal
 from urllib.parse import quote
 
-from providers.config import TierConfig
+from providers.config import RemoteTierConfig
 from providers.errors import ProviderError, RetryableError
 from providers.http import mask
 from providers.openai_compat import OpenAICompatProvider
 from providers.schemas import EmbeddingRequest, EmbeddingResult, Usage
 
 HF_ROUTER_URL = "https://router.huggingface.co/v1"
+
+
+class HuggingFaceTierConfig(RemoteTierConfig):
+    """``kind = "huggingface"``: the router unless ``base_url`` names an endpoint."""
+
+    kind: Literal["huggingface"] = "huggingface"
+    default_key_env: ClassVar[str | None] = "HF_TOKEN"
+    key_required: ClassVar[bool] = True
+
+    @property
+    def location(self) -> str:
+        return self.base_url or HF_ROUTER_URL
 
 
 def _with_v1(url: str) -> str:
@@ -51,11 +64,11 @@ class HuggingFaceProvider(OpenAICompatProvider):
 
     kind = "huggingface"
 
-    def __init__(self, cfg: TierConfig, api_key: str | None, *, router_url: str = HF_ROUTER_URL) -> None:
+    def __init__(self, cfg: RemoteTierConfig, api_key: str | None, *, router_url: str = HF_ROUTER_URL) -> None:
         self._router_url = _with_v1(router_url)
         super().__init__(cfg, api_key)
 
-    def _api_root(self, cfg: TierConfig) -> str:
+    def _api_root(self, cfg: RemoteTierConfig) -> str:
         return _with_v1(cfg.base_url or self._router_url)
 
     @property
@@ -90,4 +103,4 @@ class HuggingFaceProvider(OpenAICompatProvider):
         payload = await self.post_json(self.feature_extraction_url(model), {"inputs": list(req.inputs)})
         if not isinstance(payload, list) or len(payload) != len(req.inputs):
             raise RetryableError("upstream answered with malformed embeddings", tier=self.name)
-        return EmbeddingResult(vectors=[pooled(v) for v in payload], usage=Usage(0, 0), model=model)
+        return EmbeddingResult(vectors=[pooled(v) for v in payload], usage=Usage(), model=model)

@@ -11,15 +11,16 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import aiohttp
 import orjson
 import structlog
+from pydantic import model_validator
 from yarl import URL
 
-from providers.base import Capabilities
-from providers.config import TierConfig
+from providers.base import Capabilities, ProviderStatus
+from providers.config import RemoteTierConfig
 from providers.errors import CapacityError, ProviderError, RetryableError
 from providers.http import (
     TRANSPORT_ERRORS,
@@ -46,10 +47,23 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 PROBE_TIMEOUT_S = 5.0
+# Fast path: docs/BENCHMARKS.md "remote tier's session defaults" (and the parsed chat URL).
 # Every request body this tier sends is JSON: the session sends the header by default.
 JSON_HEADERS = {"Content-Type": "application/json"}
 # A tier model of "auto" or "*" sends the client's model name upstream unchanged.
 PASS_THROUGH_MODELS = frozenset({"auto", "*"})
+
+
+class OpenAITierConfig(RemoteTierConfig):
+    """``kind = "openai"``: any OpenAI-compatible API; ``base_url`` is its root."""
+
+    kind: Literal["openai"] = "openai"
+
+    @model_validator(mode="after")
+    def _needs_base_url(self) -> OpenAITierConfig:
+        if not self.base_url:
+            raise ValueError(f"tier {self.name!r}: kind 'openai' needs base_url")
+        return self
 
 
 def usage_from(raw: Any) -> Usage | None:
@@ -91,12 +105,12 @@ class OpenAICompatProvider:
 
     kind = "openai"
 
-    def __init__(self, cfg: TierConfig, api_key: str | None) -> None:
+    def __init__(self, cfg: RemoteTierConfig, api_key: str | None) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self._api_key = api_key
         self.api_root = self._api_root(cfg)
-        # Parsed once: aiohttp would parse a string URL on every call.
+        # Parsed once: aiohttp would parse a string URL on every call (see JSON_HEADERS).
         self._chat_url = URL(self.url("chat/completions"))
         self.capabilities = Capabilities(
             chat=cfg.task == "chat",
@@ -110,7 +124,7 @@ class OpenAICompatProvider:
         # The model name sent upstream; None passes the client's through.
         self._fixed_model = None if cfg.model in PASS_THROUGH_MODELS else cfg.model
 
-    def _api_root(self, cfg: TierConfig) -> str:
+    def _api_root(self, cfg: RemoteTierConfig) -> str:
         return (cfg.base_url or "").rstrip("/")
 
     def url(self, path: str) -> str:
@@ -128,6 +142,9 @@ class OpenAICompatProvider:
     def ready(self) -> bool:
         # Only aclose() closes the session, and it drops it: no need to ask aiohttp.
         return self._session is not None
+
+    def status(self) -> ProviderStatus:
+        return ProviderStatus(ready=self.ready)
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -210,6 +227,7 @@ class OpenAICompatProvider:
         ``parse`` lets a caller return this coroutine as its own instead of awaiting it
         in another (every coroutine in the chain is passed through on each resume).
         """
+        # Fast path: docs/BENCHMARKS.md "remote tier's call written out".
         session = self._session
         if session is None:
             raise RetryableError("tier not started", tier=self.name)
@@ -239,12 +257,12 @@ class OpenAICompatProvider:
         for i, c in enumerate(raw_choices):
             if type(c) is not dict:
                 raise RetryableError("upstream answered with a malformed choice", tier=self.name)
-            choices.append(ChatChoice(c.get("index", i), c.get("message") or {},
-                                      c.get("finish_reason"), c.get("logprobs")))
+            choices.append(ChatChoice(index=c.get("index", i), message=c.get("message") or {},
+                                      finish_reason=c.get("finish_reason"), logprobs=c.get("logprobs")))
         usage = usage_from(payload.get("usage"))
         if usage is None:
             self._note_usage_missing()
-            usage = Usage(0, 0)
+            usage = Usage()
         return ChatResult(
             choices=tuple(choices),
             usage=usage,

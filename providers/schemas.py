@@ -1,5 +1,6 @@
 """Shared request and response types: what passes between the gateway and a provider.
 
+Fast path: docs/BENCHMARKS.md "request and usage types not frozen".
 Plain slotted dataclasses, treated as values: never changed once built (``replace``
 makes a changed copy). They are not ``frozen=True``: that sets each field through
 ``object.__setattr__``, and these are built for every request and every stream chunk

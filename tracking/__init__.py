@@ -1,9 +1,12 @@
 """tiergate's Redis ledger: pricing, API keys, rate limits, budgets, usage, journal.
 
-The public surface is re-exported here; the machinery lives in the modules behind it
-(``ledger``, ``keyspace`` for the Redis key layout, ``journal``, ``report``).
+The surface the gateway uses, re-exported here: the config sections, keys and prices,
+the values exchanged with the ledger, ``Ledger`` itself and the ``UsageLedger`` protocol
+the router sees it through, and the usage report. The machinery lives in the modules
+behind it (see tracking/README.md).
 """
 
+from tracking.base import UsageLedger
 from tracking.config import (
     BudgetLimits,
     BudgetsConfig,
@@ -12,9 +15,9 @@ from tracking.config import (
     RedisConfig,
     usd_to_micros,
 )
+from tracking.connection import LedgerState
 from tracking.keys import ApiKey, KeyStore, generate_key, hash_key
-from tracking.keyspace import KeySpace, WindowKind
-from tracking.ledger import Ledger, LedgerState
+from tracking.ledger import Ledger
 from tracking.pricing import Price, PriceTable
 from tracking.records import (
     Admission,
@@ -27,7 +30,7 @@ from tracking.records import (
     UsageEvent,
     new_event_id,
 )
-from tracking.report import budget_limits, fetch_report, render_table
+from tracking.report import fetch_report, render_table
 
 __all__ = [
     "Admission",
@@ -37,7 +40,6 @@ __all__ = [
     "Hold",
     "HoldRequest",
     "KeyConfig",
-    "KeySpace",
     "KeyStore",
     "Ledger",
     "LedgerState",
@@ -50,12 +52,10 @@ __all__ = [
     "Refusal",
     "Scopes",
     "UsageEvent",
-    "WindowKind",
-    "budget_limits",
+    "UsageLedger",
     "fetch_report",
     "generate_key",
     "hash_key",
     "new_event_id",
     "render_table",
-    "usd_to_micros",
 ]

@@ -30,9 +30,9 @@ from typing import Any
 
 import structlog
 
-from providers.base import Capabilities
-from providers.config import TierConfig
+from providers.base import Capabilities, ProviderStatus
 from providers.errors import CapacityError, FatalError, ProviderError
+from providers.local.config import LocalTierConfig
 from providers.local.detok import IncrementalDetokenizer, StopMatcher
 from providers.local.engine import Engine, EngineEvent
 from providers.local.lifecycle import BackgroundLoad
@@ -71,10 +71,10 @@ class LocalChatProvider(BackgroundLoad):
 
     kind = "local"
 
-    def __init__(self, cfg: TierConfig) -> None:
+    def __init__(self, cfg: LocalTierConfig) -> None:
         super().__init__(cfg)
         self.capabilities = Capabilities(
-            chat=True, stream=True, embeddings=False, tools=True, resume=True
+            chat=True, stream=True, embeddings=False, tools=True, resume=True, retry_timeouts=False
         )
         self.model_name = cfg.model
         self.gguf_cache_hit: bool | None = None
@@ -106,18 +106,20 @@ class LocalChatProvider(BackgroundLoad):
         return self._engine is not None and self._engine.down_reason is None
 
     @property
-    def engine_down(self) -> str | None:
-        """Why a loaded tier's engine takes no work now (it died and awaits its restart,
-        say); None while it serves or before it is loaded."""
-        return self._engine.down_reason if self._engine is not None else None
-
-    @property
     def engine(self) -> Engine | None:
         return self._engine
 
     @property
     def tokenizer(self) -> Any:
         return self._loaded.tokenizer if self._loaded is not None else None
+
+    def status(self) -> ProviderStatus:
+        engine = self._engine
+        if engine is None:
+            return super().status()
+        down = engine.down_reason
+        return ProviderStatus(ready=down is None, error=f"engine down: {down}" if down else None,
+                              active=engine.active, waiting=engine.waiting)
 
     async def probe(self) -> Health:
         if self._engine is None:

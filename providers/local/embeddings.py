@@ -17,8 +17,8 @@ from typing import Any
 import structlog
 
 from providers.base import Capabilities
-from providers.config import TierConfig
 from providers.errors import CapacityError, FatalError
+from providers.local.config import LocalTierConfig
 from providers.local.lifecycle import BackgroundLoad
 from providers.schemas import (
     ChatChunk,
@@ -40,10 +40,10 @@ class LocalEmbeddingProvider(BackgroundLoad):
 
     kind = "local"
 
-    def __init__(self, cfg: TierConfig) -> None:
+    def __init__(self, cfg: LocalTierConfig) -> None:
         super().__init__(cfg)
         self.capabilities = Capabilities(
-            chat=False, stream=False, embeddings=True, tools=False, resume=False
+            chat=False, stream=False, embeddings=True, tools=False, resume=False, retry_timeouts=False
         )
         self.model_name = cfg.model
         self.dimensions = 0

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from providers.config import TierConfig
+from providers.local.config import LocalTierConfig
 from providers.local.engine import BatchedEngine, Engine
 from providers.local.resolve import ModelSpecError
 
@@ -35,7 +35,7 @@ def _engine_class(name: str) -> Any:
     raise ModelSpecError(f"unknown engine {name!r}; known: {', '.join(ENGINES)}")
 
 
-def make_engine(cfg: TierConfig, loaded: Any, name: str | None = None) -> Engine:
+def make_engine(cfg: LocalTierConfig, loaded: Any, name: str | None = None) -> Engine:
     """A transformers-weights engine over ``loaded`` (the transformers loader's result)."""
     engine: Engine = _engine_class(name or cfg.engine)(
         loaded.model,
@@ -48,7 +48,7 @@ def make_engine(cfg: TierConfig, loaded: Any, name: str | None = None) -> Engine
     return engine
 
 
-def chosen_engine(cfg: TierConfig) -> str:
+def chosen_engine(cfg: LocalTierConfig) -> str:
     """The engine this tier will run here: ``cfg.engine``, or its fallback when that
     cannot run on this host (logged)."""
     name = cfg.engine
@@ -66,7 +66,7 @@ def chosen_engine(cfg: TierConfig) -> str:
     return name
 
 
-def load_chat_engine(cfg: TierConfig) -> tuple[Any, Engine]:
+def load_chat_engine(cfg: LocalTierConfig) -> tuple[Any, Engine]:
     """Load the tier's model and build its engine (blocking: run it on a thread).
     Returns (what was loaded: tokenizer, max_context, ...; the engine, not started)."""
     name = chosen_engine(cfg)

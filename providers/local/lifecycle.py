@@ -1,8 +1,8 @@
 """The load-in-the-background lifecycle both local tiers share.
 
 ``start`` begins loading on a thread and returns at once; ``ready`` turns true when the
-model is in memory; ``load_error`` says why it never will. A failed load is logged with
-the tier and the cause and leaves the daemon serving its other tiers.
+model is in memory; ``load_error`` (and ``status()``) says why it never will. A failed
+load is logged with the tier and the cause and leaves the daemon serving its other tiers.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from providers.base import ProviderStatus
 from providers.config import TierConfig
 
 log = structlog.get_logger(__name__)
@@ -62,6 +63,9 @@ class BackgroundLoad(ABC):
     @abstractmethod
     def ready(self) -> bool:
         """True once the model is loaded."""
+
+    def status(self) -> ProviderStatus:
+        return ProviderStatus(ready=self.ready, error=self.load_error)
 
     async def _load(self) -> None:
         started = time.perf_counter()

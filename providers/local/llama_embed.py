@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from providers.config import TierConfig
+from providers.local.config import LocalTierConfig
 from providers.errors import FatalError
 from providers.local.llama_model import LlamaModel, LlamaTokenizer, import_llama_cpp
 from providers.local.resolve import ModelSpecError, default_cache_dir, resolve_model
@@ -97,7 +97,7 @@ class LlamaEmbedder:
         self.model.close()
 
 
-def load_llama_embedder(cfg: TierConfig) -> LlamaEmbedder:
+def load_llama_embedder(cfg: LocalTierConfig) -> LlamaEmbedder:
     lib = import_llama_cpp()
     resolved = resolve_model(cfg.model, allow_download=cfg.allow_download)
     path: Path = resolved.path

@@ -28,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from providers.config import TierConfig
+from providers.local.config import LocalTierConfig
 from providers.local.resolve import ModelSpecError, resolve_model
 
 log = structlog.get_logger(__name__)
@@ -91,7 +91,7 @@ def _nvidia_gpu_visible() -> bool:
     return Path("/proc/driver/nvidia/version").exists()
 
 
-def check_usable(cfg: TierConfig) -> None:
+def check_usable(cfg: LocalTierConfig) -> None:
     """Raise ``EngineUnavailable`` when this tier cannot run on llama.cpp here: the
     bindings are missing, or the tier wants a GPU and this build has no GPU backend."""
     lib = import_llama_cpp()
@@ -114,7 +114,7 @@ def _cores() -> int:
 class LlamaModel:
     """A loaded GGUF: the llama.cpp model and its vocabulary. ``close()`` frees it."""
 
-    def __init__(self, path: Path, cfg: TierConfig) -> None:
+    def __init__(self, path: Path, cfg: LocalTierConfig) -> None:
         lib = import_llama_cpp()
         self.lib = lib
         self.path = path
@@ -302,7 +302,7 @@ class LlamaLoaded:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_gguf(cfg: TierConfig) -> Path:
+def resolve_gguf(cfg: LocalTierConfig) -> Path:
     resolved = resolve_model(cfg.model, allow_download=cfg.allow_download)
     if not resolved.is_gguf:
         raise ModelSpecError(
@@ -311,7 +311,7 @@ def resolve_gguf(cfg: TierConfig) -> Path:
     return resolved.path
 
 
-def load_llama_chat(cfg: TierConfig) -> LlamaLoaded:
+def load_llama_chat(cfg: LocalTierConfig) -> LlamaLoaded:
     """Open the tier's GGUF with llama.cpp (the engine's context is made by the engine)."""
     import_llama_cpp()  # fail first, and clearly, when the build is absent
     path = resolve_gguf(cfg)

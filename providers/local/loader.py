@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from providers.config import TierConfig
+from providers.local.config import LocalTierConfig
 from providers.local.gguf_cache import converted_gguf
 from providers.local.resolve import (
     ModelSpecError,
@@ -36,9 +36,9 @@ log = structlog.get_logger(__name__)
 _LOADING = threading.Lock()
 
 
-def _one_at_a_time(load: Callable[[TierConfig], LoadedModel]) -> Callable[[TierConfig], LoadedModel]:
+def _one_at_a_time(load: Callable[[LocalTierConfig], LoadedModel]) -> Callable[[LocalTierConfig], LoadedModel]:
     @functools.wraps(load)
-    def locked(cfg: TierConfig) -> LoadedModel:
+    def locked(cfg: LocalTierConfig) -> LoadedModel:
         with _LOADING:
             return load(cfg)
 
@@ -71,7 +71,7 @@ def configure_threads() -> None:
         torch.set_num_threads(cores)
 
 
-def _model_dir(cfg: TierConfig) -> tuple[Path, bool | None]:
+def _model_dir(cfg: LocalTierConfig) -> tuple[Path, bool | None]:
     resolved = resolve_model(cfg.model, allow_download=cfg.allow_download)
     if not resolved.is_gguf:
         return resolved.path, None
@@ -81,7 +81,7 @@ def _model_dir(cfg: TierConfig) -> tuple[Path, bool | None]:
 
 
 @_one_at_a_time
-def load_chat_model(cfg: TierConfig) -> LoadedModel:
+def load_chat_model(cfg: LocalTierConfig) -> LoadedModel:
     """Resolve, convert (GGUF), and load a causal LM with its tokenizer."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -159,7 +159,7 @@ def load_chat_model(cfg: TierConfig) -> LoadedModel:
 
 
 @_one_at_a_time
-def load_embedding_model(cfg: TierConfig) -> LoadedModel:
+def load_embedding_model(cfg: LocalTierConfig) -> LoadedModel:
     """Load a sentence-embedding encoder (a sentence-transformers directory or plain)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 

@@ -161,6 +161,6 @@ async def test_sighup_does_not_kill_the_daemon(served):
     d.signal(signal.SIGHUP)
     await asyncio.sleep(0.3)
     assert d.process.poll() is None
-    assert await asyncio.to_thread(d._ready)
+    assert await asyncio.to_thread(d.is_ready)
     assert await asyncio.to_thread(d.stop) == 0
     assert "reload_unsupported" in d.log()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import ConfigError, parse_config
-from providers.config import TierConfig
+from providers.huggingface import HuggingFaceTierConfig
+from providers.openai_compat import OpenAITierConfig
 
 BASE = """
 [server]
@@ -35,15 +36,15 @@ def test_a_bad_environment_value_is_a_config_error(monkeypatch):
 
 
 def test_secrets_come_from_the_environment_or_a_systemd_credential(tmp_path):
-    tier = TierConfig(name="a", kind="openai", base_url="http://x/v1", model="m", api_key_env="A_KEY")
+    tier = OpenAITierConfig(name="a", base_url="http://x/v1", model="m", api_key_env="A_KEY")
     assert tier.resolve_api_key({"A_KEY": "sk-env"}) == "sk-env"
     assert tier.resolve_api_key({}) is None
     (tmp_path / "openai-key").write_text("sk-from-credential\n")
-    cred = TierConfig(name="b", kind="openai", base_url="http://x/v1", model="m",
+    cred = OpenAITierConfig(name="b", base_url="http://x/v1", model="m",
                       api_key_credential="openai-key")
     assert cred.resolve_api_key({"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "sk-from-credential"
     assert cred.resolve_api_key({}) is None
-    hf = TierConfig(name="h", kind="huggingface", model="org/model")
+    hf = HuggingFaceTierConfig(name="h", model="org/model")
     assert hf.resolve_api_key({"HF_TOKEN": "hf_x"}) == "hf_x"  # HF_TOKEN by default
     assert "sk-" not in repr(cred) and cred.key_source == "credential openai-key"
 

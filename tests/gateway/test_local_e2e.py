@@ -67,8 +67,8 @@ async def daemon(tmp_path_factory) -> AsyncIterator[tuple[InProcessDaemon, FakeU
                 + shipped_local_tiers())
         d = InProcessDaemon(toml, Path(tmp))
         async with d:
-            local = d.server.runtime.providers["local"]
-            embed = d.server.runtime.providers["local-embed"]
+            local = d.server.runtime.generation.providers["local"]
+            embed = d.server.runtime.generation.providers["local-embed"]
             assert await local.wait_loaded(), local.load_error
             assert await embed.wait_loaded(), embed.load_error
             yield d, up
@@ -92,7 +92,7 @@ async def test_capital_of_france(client, daemon):
     assert raw.headers["x-tiergate-tier"] == "local"
     assert "Paris" in reply.choices[0].message.content
     assert reply.choices[0].finish_reason in ("stop", "length")
-    tokenizer = d.server.runtime.providers["local"].tokenizer
+    tokenizer = d.server.runtime.generation.providers["local"].tokenizer
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Which city is the capital of France?"}],
         add_generation_prompt=True, tokenize=True)

@@ -7,7 +7,9 @@ import asyncio
 import json
 import time
 
-from tests.gateway.conftest import SECRET
+from providers.registry import KINDS
+from tests.gateway.conftest import SECRET, TWO_TIERS
+from tests.support.throwaway import ECHO_KIND
 from tests.support.upstream import (
     cut_after,
     delay,
@@ -258,52 +260,56 @@ async def test_circuit_opens_after_repeated_failures(make_daemon, upstreams):
     assert tiers["first"]["circuit"] == "open"
 
 
-async def test_a_local_tier_that_times_out_is_not_retried(tmp_path, redis_url, upstreams):
-    """A generation that ran out of time would run out again: fail over at once."""
-    from gateway.config import parse_config
-    from gateway.runtime import Runtime
-    from providers.base import Capabilities
-    from providers.schemas import ChatRequest
-
-    _, b = upstreams
-    toml = f"""
-[server]
-http = "127.0.0.1:1"
-state_dir = "{tmp_path}"
-[redis]
-url = "{redis_url}"
-[routing]
-retries = 2
-[[tiers]]
-name = "slow-local"
-kind = "local"
-model = "/nonexistent"
-models = ["m"]
+async def test_a_tier_whose_timeouts_are_final_fails_over_without_a_retry(make_daemon, upstreams, monkeypatch):
+    """A local generation that ran out of time would run out again: its kind says so
+    (``Capabilities.retry_timeouts``), and the walk moves on at once."""
+    monkeypatch.setitem(KINDS, "echo", ECHO_KIND)
+    toml = TWO_TIERS.replace('''[[tiers]]
+name = "first"''', '''[[tiers]]
+name = "slow"
+kind = "echo"
+model = "m"
+models = ["gpt-test"]
+delay_s = 5
 timeout_s = 0.2
+retry_timeouts = false
+
 [[tiers]]
-name = "remote"
-kind = "openai"
-base_url = "{b.base_url}"
-model = "x"
-models = ["m"]
-"""
-    rt = Runtime(parse_config(toml))
+name = "first"''').replace("retries = 1", "retries = 2")
+    async with make_daemon(toml=toml) as d:
+        async with d.post("/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200
+            assert r.headers["x-tiergate-tier"] == "first"
+            assert r.headers["x-tiergate-attempts"] == "2"
+        slow = d.server.runtime.generation.tiers["slow"].provider
+    assert slow.calls == 1
 
-    class SlowLocal:  # a local tier whose generation takes longer than its timeout
-        name, kind, capabilities, ready = "slow-local", "local", Capabilities(), True
-        calls = 0
 
-        async def chat(self, req):
-            SlowLocal.calls += 1
-            await asyncio.sleep(5)
+async def test_a_priced_first_tier_that_cannot_be_called_gives_its_hold_back(make_daemon, upstreams):
+    """The admission holds the first ranked tier's worst case with the rate limits; when
+    that tier turns out not to be callable (its model never loaded), the hold returns."""
+    toml = TWO_TIERS.replace("[routing]", '[budgets]\nglobal = { daily_usd = 5.0 }\n\n[routing]').replace(
+        '''[[tiers]]
+name = "first"''', '''[[tiers]]
+name = "unloaded"
+kind = "local"
+model = "/nonexistent/model.gguf"
+models = ["gpt-test"]
+price = { input = 1.0, output = 1.0 }
 
-    rt.router.tiers["slow-local"].provider = SlowLocal()
-    await rt.providers["remote"].start()
-    try:
-        request = ChatRequest(model="m", messages=({"role": "user", "content": "hi"},))
-        served = await rt.router.chat(request, None, time.monotonic() + 10)
-    finally:
-        await rt.providers["remote"].aclose()
-    assert served.tier == "remote"
-    assert SlowLocal.calls == 1
-    assert served.attempts == 2
+[[tiers]]
+name = "first"''')
+    async with make_daemon(toml=toml) as d:
+        for _ in range(100):  # the load fails on its thread
+            async with d.get("/readyz") as r:
+                if "error" in (await r.json())["tiers"]["unloaded"]:
+                    break
+            await asyncio.sleep(0.05)
+        async with d.post("/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200
+            assert r.headers["x-tiergate-tier"] == "first"
+        await d.server.runtime.background.drain(5)
+        async with d.get("/admin/usage") as r:
+            usage = (await r.json())["usage"]["day"]["global"]
+    assert usage["budget_micros"] == 5_000_000
+    assert usage["held_micros"] == 0

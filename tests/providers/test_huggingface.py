@@ -5,9 +5,8 @@ from typing import Any
 
 import pytest
 
-from providers.config import TierConfig
 from providers.errors import FatalError, RetryableError
-from providers.huggingface import HF_ROUTER_URL, HuggingFaceProvider, pooled
+from providers.huggingface import HF_ROUTER_URL, HuggingFaceProvider, HuggingFaceTierConfig, pooled
 from providers.schemas import ChatRequest, EmbeddingRequest
 from tests.support.upstream import REPLY, FakeUpstream, cut_after, hf_loading, status, vector_for
 
@@ -22,8 +21,8 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
         yield up
 
 
-def hf_config(**fields: Any) -> TierConfig:
-    return TierConfig(**{"name": "hf", "kind": "huggingface", "model": MODEL, **fields})
+def hf_config(**fields: Any) -> HuggingFaceTierConfig:
+    return HuggingFaceTierConfig(**{"name": "hf", "model": MODEL, **fields})
 
 
 @pytest.fixture

@@ -8,11 +8,10 @@ from typing import Any
 
 import pytest
 
-from providers.base import Provider
-from providers.config import TierConfig
+from providers.base import ProviderStatus
 from providers.errors import CapacityError, FatalError, RetryableError
 from providers.http import openai_error_body, parse_retry_after
-from providers.openai_compat import OpenAICompatProvider
+from providers.openai_compat import OpenAICompatProvider, OpenAITierConfig
 from providers.schemas import ChatChunk, ChatRequest, EmbeddingRequest, Usage
 from tests.support.redis_server import free_port
 from tests.support.upstream import (
@@ -46,7 +45,7 @@ async def make_provider(upstream: FakeUpstream) -> AsyncIterator[Callable[..., A
 
     async def make(api_key: str | None = KEY, **cfg: Any) -> OpenAICompatProvider:
         fields = {"name": "remote", "kind": "openai", "base_url": upstream.base_url, "model": "upstream-model", **cfg}
-        provider = OpenAICompatProvider(TierConfig(**fields), api_key)
+        provider = OpenAICompatProvider(OpenAITierConfig(**fields), api_key)
         await provider.start()
         made.append(provider)
         return provider
@@ -73,11 +72,13 @@ def text_of(chunks: list[ChatChunk]) -> str:
 # requests as the upstream sees them ---------------------------------------------------
 
 
-async def test_it_satisfies_the_provider_protocol(make_provider) -> None:
+async def test_it_reports_ready_once_started_and_not_after_closing(make_provider) -> None:
     provider = await make_provider()
-    assert isinstance(provider, Provider)
-    assert provider.ready
-    assert provider.kind == "openai"
+    assert provider.ready and provider.status() == ProviderStatus(ready=True)
+    await provider.aclose()
+    assert not provider.ready and provider.status() == ProviderStatus(ready=False)
+    with pytest.raises(RetryableError, match="not started"):
+        await provider.chat(chat_request())
 
 
 async def test_body_passes_through_with_the_tier_model(upstream, make_provider) -> None:
@@ -269,7 +270,7 @@ def test_error_bodies_are_converted_to_the_openai_shape(payload, message: str, c
 
 
 async def test_a_closed_port_is_retryable() -> None:
-    cfg = TierConfig(name="gone", kind="openai", base_url=f"http://127.0.0.1:{free_port()}/v1", model="m")
+    cfg = OpenAITierConfig(name="gone", kind="openai", base_url=f"http://127.0.0.1:{free_port()}/v1", model="m")
     provider = OpenAICompatProvider(cfg, KEY)
     await provider.start()
     try:
@@ -397,7 +398,7 @@ async def test_probe(upstream, make_provider) -> None:
 
 
 async def test_a_provider_not_started_is_not_ready() -> None:
-    provider = OpenAICompatProvider(TierConfig(name="n", kind="openai", base_url="http://127.0.0.1:9/v1", model="m"), None)
+    provider = OpenAICompatProvider(OpenAITierConfig(name="n", kind="openai", base_url="http://127.0.0.1:9/v1", model="m"), None)
     assert not provider.ready
     with pytest.raises(RetryableError, match="not started"):
         await provider.chat(chat_request())

@@ -100,14 +100,14 @@ class SubprocessDaemon:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     pass
-                if not wait_ready or self._ready():
+                if not wait_ready or self.is_ready():
                     return
             except OSError:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"daemon not ready in {timeout}s: {self.log()}")
 
-    def _ready(self) -> bool:
+    def is_ready(self) -> bool:
         import urllib.request
 
         try:

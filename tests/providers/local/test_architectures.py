@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from providers.config import TierConfig  # noqa: E402
+from providers.local.config import LocalTierConfig  # noqa: E402
 from providers.local import build_local_provider  # noqa: E402
 from providers.local.chat import LocalChatProvider  # noqa: E402
 from providers.local.engine import BatchedEngine, EngineEvent  # noqa: E402
@@ -108,7 +108,7 @@ async def test_llama_fast_path_decodes_what_generate_does(dtype: str) -> None:
 async def test_a_local_tier_on_a_qwen2_model_answers(tmp_path: Path, dtype: str) -> None:
     path = save_tiny_chat_model(tmp_path / "tiny-qwen2", "qwen2")
     provider = build_local_provider(
-        TierConfig(name="tiny", kind="local", model=str(path), dtype=dtype, max_output_tokens=8)
+        LocalTierConfig(name="tiny", kind="local", model=str(path), dtype=dtype, max_output_tokens=8)
     )
     assert isinstance(provider, LocalChatProvider)
     await provider.start()

