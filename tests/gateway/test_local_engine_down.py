@@ -56,7 +56,7 @@ async def daemon(tmp_path: Path, redis_url: str) -> AsyncIterator[InProcessDaemo
         toml = (CONFIG.replace("{redis}", redis_url).replace("{model}", str(model))
                 .replace("{remote}", up.base_url))
         async with InProcessDaemon(toml, tmp_path) as d:
-            local = d.server.runtime.providers["local"]
+            local = d.server.runtime.generation.providers["local"]
             assert await asyncio.wait_for(local.wait_loaded(), 120), local.load_error
             yield d
 
@@ -69,7 +69,7 @@ async def _chat(d: InProcessDaemon) -> tuple[int, str, dict]:
 async def test_a_dead_engine_fails_over_at_once_and_the_tier_comes_back(daemon: InProcessDaemon) -> None:
     d = daemon
     assert (await _chat(d))[:2] == (200, "local")
-    engine = d.server.runtime.providers["local"].engine
+    engine = d.server.runtime.generation.providers["local"].engine
     engine.supervisor.backoff_initial_s = 2.0  # long enough to watch it down
     died = False
 
@@ -93,7 +93,7 @@ async def test_a_dead_engine_fails_over_at_once_and_the_tier_comes_back(daemon: 
     assert (status, tier) == (200, "remote")
     # The engine restarts on the loaded weights and the local tier serves again.
     for _ in range(100):
-        if d.server.runtime.providers["local"].ready:
+        if d.server.runtime.generation.providers["local"].ready:
             break
         await asyncio.sleep(0.1)
     assert (await _chat(d))[:2] == (200, "local")
