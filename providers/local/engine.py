@@ -17,13 +17,18 @@ to honour it. ``BatchedEngine`` is the default (``engine = "continuous"``):
 - sampling is per sequence (``sampling.py``); tokens go to the asyncio side with one
   ``loop.call_soon_threadsafe`` per step;
 - cancellation removes a sequence between steps and frees its slot; out-of-memory in a
-  prefill fails that sequence with ``CapacityError``, not the engine.
+  prefill fails that sequence with ``CapacityError``, not the engine;
+- a step that raises fails the sequences it carried (each gets a ``CapacityError`` naming
+  the cause) and the loop goes on with the rest; if the loop itself dies, the
+  ``EngineSupervisor`` (``supervisor.py``) fails what was open, refuses new work while it
+  waits a backoff, and restarts the loop on the same weights with a fresh cache.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import threading
 import time
@@ -36,6 +41,7 @@ import structlog
 
 from providers.errors import CapacityError, RetryableError
 from providers.local.sampling import SamplingParams, SequenceSampler, sample_batch
+from providers.local.supervisor import EngineSupervisor
 
 log = structlog.get_logger(__name__)
 
@@ -80,6 +86,11 @@ class Engine(Protocol):
     def waiting(self) -> int:
         """Sequences queued for a slot."""
 
+    @property
+    def down_reason(self) -> str | None:
+        """Why the engine takes no work now (its thread died and awaits a restart, or it
+        is stopped); None while it serves."""
+
     def close(self) -> None:
         """Stop the thread; sequences still open get a ``RetryableError``."""
 
@@ -102,84 +113,6 @@ class _Sequence:
         self.slot = -1
 
 
-class SlotCache:
-    """A KV cache with one row per slot and a length per row (see module docstring).
-
-    Quacks like a transformers ``Cache`` for the one call attention layers make:
-    ``update(key, value, layer_idx) -> (keys, values)`` for the rows in this forward.
-    """
-
-    is_compileable = False
-
-    def __init__(self, slots: int, max_capacity: int, device: Any) -> None:
-        self.slots = slots
-        self.max_capacity = max_capacity
-        self.capacity = min(256, max_capacity)
-        # Rows and length both grow on demand: a tier with 256 slots that serves four
-        # streams holds memory for four.
-        self.rows = min(slots, 4)
-        self.device = device
-        self.keys: list[Any] = []
-        self.values: list[Any] = []
-        self._rows = slice(0, 0)
-        self._write: Any = None  # decode: (row indices, positions); prefill: width
-        self._width = 0
-
-    def ensure(self, needed: int, rows: int = 0) -> None:
-        """Room for ``needed`` positions in ``rows`` slots (grows by doubling)."""
-        new_capacity, new_rows = self.capacity, self.rows
-        while new_capacity < needed:
-            new_capacity *= 2
-        while new_rows < rows:
-            new_rows *= 2
-        new_capacity = min(new_capacity, self.max_capacity)
-        new_rows = min(new_rows, self.slots)
-        if (new_capacity, new_rows) == (self.capacity, self.rows):
-            return
-        for store in (self.keys, self.values):
-            for i, old in enumerate(store):
-                new = old.new_zeros(new_rows, old.shape[1], new_capacity, old.shape[3])
-                new[: self.rows, :, : self.capacity] = old
-                store[i] = new
-        self.capacity, self.rows = new_capacity, new_rows
-
-    def for_prefill(self, first_slot: int, rows: int, width: int) -> None:
-        self._rows = slice(first_slot, first_slot + rows)
-        self._write = None
-        self._width = width
-
-    def for_decode(self, rows: int, positions: Any, width: int) -> None:
-        import torch
-
-        self._rows = slice(0, rows)
-        self._write = (torch.arange(rows, device=positions.device), positions)
-        self._width = width
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        for store in (self.keys, self.values):
-            for tensor in store:
-                tensor[dst, :, :length] = tensor[src, :, :length]
-
-    def update(self, key: Any, value: Any, layer_idx: int, cache_kwargs: Any = None) -> tuple[Any, Any]:
-        if layer_idx == len(self.keys):
-            shape = (self.rows, key.shape[1], self.capacity, key.shape[3])
-            self.keys.append(key.new_zeros(shape))
-            self.values.append(value.new_zeros(shape))
-        k_store, v_store = self.keys[layer_idx], self.values[layer_idx]
-        rows = self._rows
-        if self._write is None:
-            k_store[rows, :, : key.shape[2]] = key
-            v_store[rows, :, : value.shape[2]] = value
-        else:
-            row_idx, positions = self._write
-            k_store[row_idx, :, positions] = key[:, :, 0]
-            v_store[row_idx, :, positions] = value[:, :, 0]
-        return k_store[rows, :, : self._width], v_store[rows, :, : self._width]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
-
-
 class BatchedEngine:
     """Continuous batching over a ``SlotCache`` on a dedicated thread."""
 
@@ -194,10 +127,12 @@ class BatchedEngine:
         name: str = "local",
         prefill_token_budget: int = 4096,
         fast_path: bool = True,
+        restart_backoff_s: float = 0.5,
     ) -> None:
         import torch
 
         from providers.local.fastpath import LlamaFastPath
+        from providers.local.slot_cache import SlotCache
 
         self._torch = torch
         self._model = model
@@ -211,31 +146,39 @@ class BatchedEngine:
         self._prefill_budget = prefill_token_budget
         # The fast forward for Llama-architecture models; the generic one otherwise.
         self._fast = LlamaFastPath(model) if fast_path and LlamaFastPath.supports(model) else None
-        self._cache = SlotCache(max_batch, max_context, self._device)
+        # The generic forward takes the cache as ``cache`` from transformers 5.x on
+        # (``past_key_values`` before, deprecated since).
+        forward = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in forward else "past_key_values"
+        self._new_cache = lambda: SlotCache(max_batch, max_context, self._device)
+        self._cache = self._new_cache()
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
         self._queue: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._cancelled: set[int] = set()
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self.supervisor = EngineSupervisor(
+            name, self._run, self._after_death, backoff_initial_s=restart_backoff_s
+        )
+        # Tests only: called with "admit", "prefill" or "decode" before each; what it
+        # raises is what a fault in that part of the loop would raise.
+        self.fault_hook: Callable[[str], None] | None = None
         self.steps = 0  # decode steps run, and their time: for benchmarks
         self.decode_s = 0.0
+        self.step_failures = 0
 
     # --- the interface --------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._run, name=f"tiergate-engine-{self._name}", daemon=True
-            )
-            self._thread.start()
+        self.supervisor.start()
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Sink,
                loop: asyncio.AbstractEventLoop) -> int:
         with self._cond:
-            if self._closed:
-                raise RetryableError("the local engine is stopped", tier=self._name)
+            down = self.down_reason
+            if down is not None:
+                raise RetryableError(f"tier {self._name}: {down}", tier=self._name, status=503)
             free_slots = self._max_batch - len(self._running)
             if len(self._queue) >= free_slots + self._max_queue:
                 raise CapacityError(
@@ -268,13 +211,21 @@ class BatchedEngine:
     def waiting(self) -> int:
         return len(self._queue)
 
+    @property
+    def down_reason(self) -> str | None:
+        if self._closed:
+            return "the local engine is stopped"
+        return self.supervisor.down_reason
+
+    @property
+    def restarts(self) -> int:
+        return self.supervisor.restarts
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        self.supervisor.stop(timeout=30)
 
     # --- the thread -----------------------------------------------------------------
 
@@ -291,32 +242,64 @@ class BatchedEngine:
         return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
     def _run(self) -> None:
+        """The loop, on the worker thread; returns once closed. What it raises ends the
+        thread: the supervisor restarts it (``_after_death``)."""
         torch = self._torch
-        try:
-            with torch.inference_mode(), self._attention_kernels():
-                while True:
-                    with self._cond:
-                        while not self._closed and not self._queue and not self._running:
-                            self._cond.wait()
-                        if self._closed:
-                            break
-                        cancelled, self._cancelled = self._cancelled, set()
-                        admitted = self._take_admissions()
-                    out: dict[asyncio.AbstractEventLoop, list[tuple[Sink, EngineEvent]]] = {}
-                    if cancelled:
-                        self._remove([s for s in self._running if s.id in cancelled])
-                    if admitted:
-                        self._prefill(admitted, out)
-                        self._deliver(out)  # first tokens out before the next step
-                        out = {}
-                    if self._running:
-                        self._decode(out)
-                    self._deliver(out)
-        except Exception as exc:  # the engine must never die silently
-            log.exception("local_engine_crashed", tier=self._name)
-            self._fail_all(RetryableError(f"local engine failed: {exc}", tier=self._name))
-            return
+        with torch.inference_mode(), self._attention_kernels():
+            while True:
+                with self._cond:
+                    while not self._closed and not self._queue and not self._running:
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                    cancelled, self._cancelled = self._cancelled, set()
+                    self._fault("admit")
+                    admitted = self._take_admissions()
+                out: dict[asyncio.AbstractEventLoop, list[tuple[Sink, EngineEvent]]] = {}
+                if cancelled:
+                    self._remove([s for s in self._running if s.id in cancelled])
+                if admitted:
+                    self._step("prefill", self._prefill, admitted, out)
+                    self._deliver(out)  # first tokens out before the next step
+                    out = {}
+                if self._running:
+                    self._step("decode", self._decode, list(self._running), out)
+                self._deliver(out)
         self._fail_all(RetryableError("the local engine stopped", tier=self._name))
+
+    def _fault(self, stage: str) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(stage)
+
+    def _step(self, stage: str, step: Callable[..., None], carried: list[_Sequence],
+              out: dict) -> None:
+        """Run one prefill or decode step; if it raises, fail the sequences it carried
+        (each told why) and leave the others to go on."""
+        try:
+            self._fault(stage)
+            if stage == "prefill":
+                step(carried, out)
+            else:
+                step(out)
+        except Exception as exc:  # one bad step must not take the tier down
+            self.step_failures += 1
+            log.exception("local_engine_step_failed", tier=self._name, stage=stage,
+                          sequences=len(carried))
+            self._remove([seq for seq in carried if seq.slot >= 0])
+            error = CapacityError(
+                f"tier {self._name}: the local engine failed on this request "
+                f"({type(exc).__name__}: {exc})", tier=self._name, status=503)
+            for seq in carried:
+                self._emit(out, seq, EngineEvent(error=error))
+
+    def _after_death(self, reason: str) -> None:
+        """On the supervisor thread, once the loop died: fail every open sequence and
+        start the next loop from an empty cache (the dead one may have left it
+        half-written)."""
+        self._fail_all(CapacityError(f"tier {self._name}: {reason}", tier=self._name, status=503))
+        with self._cond:
+            self._cancelled.clear()
+        self._cache = self._new_cache()
 
     def _take_admissions(self) -> list[_Sequence]:
         """Waiting sequences that fit in free slots and the prefill token budget."""
@@ -380,9 +363,9 @@ class BatchedEngine:
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=self._cache,
                 use_cache=True,
                 logits_to_keep=keep,
+                **{self._cache_kwarg: self._cache},
             )
             rows = torch.arange(len(seqs), device=self._device)
             logits = output.logits[rows, rows]  # each row's own last prompt position
@@ -411,8 +394,8 @@ class BatchedEngine:
                     input_ids=ids,
                     attention_mask=mask,
                     position_ids=lengths[:, None],
-                    past_key_values=self._cache,
                     use_cache=True,
+                    **{self._cache_kwarg: self._cache},
                 ).logits[:, -1]
         except torch.OutOfMemoryError:
             self._free_memory()

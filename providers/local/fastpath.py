@@ -42,6 +42,8 @@ class _Layer:
 def _linear(x: Any, weight: Any) -> Any:
     import torch
 
+    if not isinstance(weight, torch.Tensor):  # a module: quantize = "int8"'s Int8Linear
+        return weight(x)
     if x.shape[0] < _SKINNY_ROWS:
         return torch.mm(weight, x.t()).t()  # column-major: fine for elementwise ops
     return torch.mm(x, weight.t())
@@ -80,14 +82,14 @@ class LlamaFastPath:
         self.layers = [
             _Layer(
                 ln_attn=layer.input_layernorm.weight,
-                q=layer.self_attn.q_proj.weight,
-                k=layer.self_attn.k_proj.weight,
-                v=layer.self_attn.v_proj.weight,
-                o=layer.self_attn.o_proj.weight,
+                q=_weight(layer.self_attn.q_proj),
+                k=_weight(layer.self_attn.k_proj),
+                v=_weight(layer.self_attn.v_proj),
+                o=_weight(layer.self_attn.o_proj),
                 ln_mlp=layer.post_attention_layernorm.weight,
-                gate=layer.mlp.gate_proj.weight,
-                up=layer.mlp.up_proj.weight,
-                down=layer.mlp.down_proj.weight,
+                gate=_weight(layer.mlp.gate_proj),
+                up=_weight(layer.mlp.up_proj),
+                down=_weight(layer.mlp.down_proj),
             )
             for layer in base.layers
         ]
@@ -126,6 +128,11 @@ class LlamaFastPath:
             hidden = hidden + _linear(F.silu(_linear(x, layer.gate)) * _linear(x, layer.up), layer.down)
         picked = hidden.view(rows, seq, width)[torch.arange(rows, device=ids.device), last]
         return _linear(F.rms_norm(picked, (width,), self.norm, self.eps), self.lm_head)
+
+
+def _weight(projection: Any) -> Any:
+    """A projection's float weight, or the module itself when it holds int8 weights."""
+    return getattr(projection, "weight", projection)
 
 
 def _rotate_half(x: Any) -> Any:

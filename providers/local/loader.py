@@ -118,6 +118,12 @@ def load_chat_model(cfg: LocalTierConfig) -> LoadedModel:
             dtype = torch.float32
             model = load(dtype)
 
+    if cfg.quantize == "int8":
+        if device != "cpu":
+            raise ModelSpecError(f"quantize = 'int8' is for the CPU; this tier runs on {device}")
+        from providers.local.quantize import quantize_int8
+
+        log.info("local_model_quantized", tier=cfg.name, quantize="int8", linears=quantize_int8(model))
     max_context = _context_length(config)
     if cfg.max_context:
         max_context = min(max_context, cfg.max_context) if max_context else cfg.max_context

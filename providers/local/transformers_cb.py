@@ -20,6 +20,7 @@ import structlog
 from providers.errors import CapacityError, FatalError, RetryableError
 from providers.local.engine import EngineEvent, Sink
 from providers.local.sampling import SamplingParams
+from providers.local.supervisor import EngineSupervisor
 
 log = structlog.get_logger(__name__)
 
@@ -54,12 +55,18 @@ class TransformersCBEngine:
         self._open: dict[str, _Open] = {}
         self._by_seq: dict[int, str] = {}
         self._stopping = threading.Event()
-        self._pump: threading.Thread | None = None
+        # The pump: restarted if it dies, failing what was open (supervisor.py).
+        self._pump = EngineSupervisor(name, self._run, self._after_death)
 
     def start(self) -> None:
         self._manager.start()
-        self._pump = threading.Thread(target=self._run, name=f"tiergate-cb-{self._name}", daemon=True)
         self._pump.start()
+
+    @property
+    def down_reason(self) -> str | None:
+        if self._stopping.is_set():
+            return "the local engine is stopped"
+        return self._pump.down_reason
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Sink,
                loop: asyncio.AbstractEventLoop) -> int:
@@ -69,6 +76,9 @@ class TransformersCBEngine:
                 "must be 0 and penalties unset",
                 tier=self._name, status=400, code="unsupported_parameter", param="temperature",
             )
+        down = self.down_reason
+        if down is not None:
+            raise RetryableError(f"tier {self._name}: {down}", tier=self._name, status=503)
         with self._lock:
             if len(self._open) >= self._max_open:
                 raise CapacityError(f"tier {self._name}: {len(self._open)} requests open",
@@ -100,14 +110,19 @@ class TransformersCBEngine:
     def close(self) -> None:
         self._stopping.set()
         self._manager.stop(block=True, timeout=30)
-        if self._pump is not None:
-            self._pump.join(timeout=5)
+        self._pump.stop(timeout=5)
+        self._fail_open(RetryableError("the local engine stopped", tier=self._name))
+
+    def _after_death(self, reason: str) -> None:
+        self._fail_open(CapacityError(f"tier {self._name}: {reason}", tier=self._name, status=503))
+
+    def _fail_open(self, error: BaseException) -> None:
         with self._lock:
             left = list(self._open.values())
             self._open.clear()
             self._by_seq.clear()
         for entry in left:
-            _send(entry, EngineEvent(error=RetryableError("the local engine stopped", tier=self._name)))
+            _send(entry, EngineEvent(error=error))
 
     def _run(self) -> None:
         while not self._stopping.is_set():

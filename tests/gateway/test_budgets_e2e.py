@@ -23,6 +23,7 @@ import pytest
 from tests.support.daemon import SubprocessDaemon
 from tests.support.redis_server import RedisServer, free_port
 from tests.support.upstream import FakeUpstream, delay
+from tests.support.wait import eventually
 
 PRICED_THEN_FREE = """
 [server]
@@ -155,8 +156,7 @@ async def test_hold_of_a_killed_daemon_expires_and_the_money_returns(tmp_path, r
         await asyncio.to_thread(started, d1, d2)
         async with aiohttp.ClientSession() as s:
             hanging = asyncio.create_task(post(s, d1.url, CALL))
-            while paid.count("/v1/chat/completions") < 1:
-                await asyncio.sleep(0.05)
+            await eventually(lambda: paid.count("/v1/chat/completions") >= 1, "the priced call")
             # Money is held: another daemon's call must go to the free tier.
             assert (await post(s, d2.url, CALL))[1] == "free"
             await asyncio.to_thread(d1.kill)

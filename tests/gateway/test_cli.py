@@ -14,6 +14,7 @@ from tests.gateway.conftest import SECRET, TWO_TIERS
 from tests.support.daemon import ROOT, SubprocessDaemon
 from tests.support.redis_server import free_port
 from tests.support.upstream import FakeUpstream
+from tests.support.wait import eventually
 
 
 def tiergate(*args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -131,8 +132,7 @@ async def test_sigterm_drains_in_flight_requests_and_notifies_systemd(tmp_path: 
             req = urllib.request.Request(d.url + "/v1/chat/completions", data=body,
                                          headers={"Content-Type": "application/json"})
             in_flight = asyncio.create_task(asyncio.to_thread(urllib.request.urlopen, req, timeout=20))
-            while up.count("/v1/chat/completions") < 1:
-                await asyncio.sleep(0.05)
+            await eventually(lambda: up.count("/v1/chat/completions") >= 1, "the upstream call")
             d.signal(signal.SIGTERM)
             resp = await in_flight
             assert resp.status == 200  # finished although SIGTERM came while it was in flight

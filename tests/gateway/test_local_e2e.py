@@ -87,14 +87,14 @@ async def test_capital_of_france(client, daemon):
     d, _ = daemon
     raw = await client.chat.completions.with_raw_response.create(
         model="smollm2", temperature=0, max_tokens=30,
-        messages=[{"role": "user", "content": "What is the capital of France?"}])
+        messages=[{"role": "user", "content": "Which city is the capital of France?"}])
     reply = raw.parse()
     assert raw.headers["x-tiergate-tier"] == "local"
     assert "Paris" in reply.choices[0].message.content
     assert reply.choices[0].finish_reason in ("stop", "length")
     tokenizer = d.server.runtime.generation.providers["local"].tokenizer
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "user", "content": "Which city is the capital of France?"}],
         add_generation_prompt=True, tokenize=True)
     prompt_ids = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
     assert reply.usage.prompt_tokens == len(prompt_ids)
@@ -201,7 +201,7 @@ async def test_broken_remote_stream_resumes_on_the_local_tier(daemon):
     d, up = daemon
     up.push(cut_after(5))
     body = {"model": "flaky-model", "max_tokens": 20, "temperature": 0, "stream": True,
-            "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+            "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]}
     async with d.post("/v1/chat/completions", json=body) as r:
         assert r.status == 200
         assert r.headers["x-tiergate-tier"] == "flaky"

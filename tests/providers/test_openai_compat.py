@@ -26,6 +26,7 @@ from tests.support.upstream import (
     tokens_of,
     vector_for,
 )
+from tests.support.wait import eventually
 
 KEY = "sk-test-0123456789abcdef"
 MESSAGES = ({"role": "system", "content": "be brief"}, {"role": "user", "content": "say hello to me"})
@@ -345,10 +346,9 @@ async def test_cancelling_the_consumer_disconnects_the_upstream(upstream, make_p
 
     task = asyncio.create_task(consume())
     if behaviour.stall_after is not None:
-        await started.wait()
+        await asyncio.wait_for(started.wait(), 10)
     else:
-        while upstream.count() == 0:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: upstream.count() > 0, "the upstream request")
     assert upstream.disconnects == 0
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -304,8 +304,9 @@ async def test_sigkilled_daemon_holding_budget_gives_it_back(
     try:
         assert proc.stdout is not None
         line = b"-"
-        while line.strip() not in (b"held", b"refused", b""):  # skip its log lines
-            line = await proc.stdout.readline()
+        async with asyncio.timeout(60):
+            while line.strip() not in (b"held", b"refused", b""):  # skip its log lines
+                line = await proc.stdout.readline()
         assert line.strip() == b"held"
     finally:
         proc.send_signal(signal.SIGKILL)

