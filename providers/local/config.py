@@ -24,7 +24,7 @@ class LocalTierConfig(TierConfig):
     max_queue: int = Field(64, ge=0)  # waiting beyond the batch; full -> CapacityError
     max_context: int | None = Field(None, ge=16)
     engine: str = "continuous"
-    # --- engine "llama_cpp" and CPU quantization --------------------------------------
+    # --- engine "llama_cpp" and CPU quantization (issue 13) ------------------------
     # When `engine` is not installed here, load with this one instead (logged once);
     # None: the tier fails to load and says why.
     fallback_engine: str | None = None
@@ -40,3 +40,4 @@ class LocalTierConfig(TierConfig):
     # for all (a sequence may use all of it; results vary in the last bits with the batch).
     kv_unified: bool = False
     quantize: Literal["none", "int8"] = "none"  # transformers engine on CPU: int8 weights
+    # --- end of the llama_cpp block ---------------------------------------------------
